@@ -1,0 +1,62 @@
+"""flax_replay: experience replay for JAX as Flax state.
+
+Functional API (Flashbax-compatible: change the import):
+    make_flat_buffer, make_trajectory_buffer, make_item_buffer, make_trajectory_queue,
+    make_prioritised_flat_buffer, make_prioritised_trajectory_buffer,
+    make_prioritised_item_buffer, make_n_step_buffer, make_prioritised_n_step_buffer,
+    make_mixer
+Flax views of the same buffers: `flax_replay.linen.ReplayBuffer`, `flax_replay.nnx.ReplayBuffer`
+(Variable types `Replay`, `Priorities`).
+"""
+
+from flax_replay import linen, nnx
+from flax_replay._src.buffers import (
+    Buffer,
+    ExperiencePair,
+    NStepReturns,
+    NStepTransition,
+    PrioritisedBuffer,
+)
+from flax_replay._src.core import (
+    PrioritisedSample,
+    PrioritisedTrajectoryBufferState,
+    PriorityState,
+    Sample,
+    TrajectoryBufferState,
+)
+from flax_replay._src.factories import (
+    make_flat_buffer,
+    make_item_buffer,
+    make_n_step_buffer,
+    make_prioritised_flat_buffer,
+    make_prioritised_item_buffer,
+    make_prioritised_n_step_buffer,
+    make_prioritised_trajectory_buffer,
+    make_trajectory_buffer,
+    make_trajectory_queue,
+)
+from flax_replay._src.mixer import Mixer, make_mixer
+from flax_replay._src.nnx import Priorities, Replay
+from flax_replay._src.queue import TrajectoryQueue, TrajectoryQueueState
+from flax_replay._src.state import from_collections, to_collections
+
+# Flashbax's names for the sample and state types.
+TrajectoryBufferSample = Sample
+TransitionSample = Sample
+PrioritisedTrajectoryBufferSample = PrioritisedSample
+PrioritisedTransitionSample = PrioritisedSample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Buffer", "PrioritisedBuffer", "TrajectoryQueue", "Mixer",
+    "ExperiencePair", "NStepTransition", "NStepReturns",
+    "Sample", "PrioritisedSample", "TrajectoryBufferSample", "TransitionSample",
+    "PrioritisedTrajectoryBufferSample", "PrioritisedTransitionSample",
+    "TrajectoryBufferState", "PrioritisedTrajectoryBufferState", "PriorityState",
+    "TrajectoryQueueState", "Replay", "Priorities",
+    "make_flat_buffer", "make_trajectory_buffer", "make_item_buffer", "make_trajectory_queue",
+    "make_prioritised_flat_buffer", "make_prioritised_trajectory_buffer",
+    "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
+    "make_mixer", "to_collections", "from_collections", "linen", "nnx",
+]

@@ -1,0 +1,378 @@
+"""Flashbax-compatible factories: Flashbax 0.1.3's names, defaults and validation.
+
+Each returns a `Buffer` / `PrioritisedBuffer` / `TrajectoryQueue` whose methods are the pure
+functions `init`, `add`, `sample`, `can_sample` (and `set_priorities`, `can_add`). Where we
+differ from Flashbax it is to refuse what Flashbax silently gets wrong; each difference is
+noted where it is made.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Optional
+
+from flax_replay._src import checks, sum_tree
+from flax_replay._src.buffers import (
+    Buffer,
+    ItemLayout,
+    NStepReturns,
+    PrioritisedBuffer,
+    TrajectoryLayout,
+    TransitionLayout,
+)
+from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.queue import TrajectoryQueue
+
+_DEVICES = ("cpu", "gpu", "tpu")
+
+
+def _prioritised_options(priority_exponent: float, device: str, sampling: str,
+                         branching: int) -> None:
+    if not 0.0 <= float(priority_exponent) <= 1.0:
+        raise ValueError(f"priority_exponent must be in [0, 1], got {priority_exponent}")
+    if device not in _DEVICES:
+        # Flashbax warns and falls back to "cpu"; the argument changes nothing here (the same
+        # code is fast on every backend), so it is accepted for compatibility only.
+        warnings.warn(f"device={device!r} is not one of {_DEVICES}; it is ignored", stacklevel=3)
+    if sampling not in ("stratified", "independent"):
+        raise ValueError(f"sampling must be 'stratified' or 'independent', got {sampling!r}")
+    checks.positive_int("branching", branching, 2)
+
+
+def _trajectory_core(
+    add_batch_size: int,
+    sample_batch_size: int,
+    sample_sequence_length: int,
+    period: int,
+    min_length_time_axis: int,
+    max_size: Optional[int],
+    max_length_time_axis: Optional[int],
+    **prioritised,
+) -> TrajectoryCore:
+    checks.positive_int("add_batch_size", add_batch_size)
+    checks.positive_int("sample_batch_size", sample_batch_size)
+    checks.positive_int("sample_sequence_length", sample_sequence_length)
+    checks.positive_int("period", period)
+    checks.positive_int("min_length_time_axis", min_length_time_axis, 0)
+    if max_size is not None and max_length_time_axis is not None:
+        raise ValueError("Cannot specify both `max_size` and `max_length_time_axis` arguments.")
+    if max_size is None and max_length_time_axis is None:
+        raise ValueError("One of `max_size` or `max_length_time_axis` must be given.")
+    if max_size is not None:
+        checks.positive_int("max_size", max_size)
+        max_length_time_axis = max_size // add_batch_size
+        warnings.warn(
+            f"Setting max_size sets max_length_time_axis to max_size // add_batch_size = "
+            f"{max_length_time_axis}.",
+            stacklevel=3,
+        )
+    checks.positive_int("max_length_time_axis", max_length_time_axis)
+    if sample_sequence_length > min_length_time_axis:
+        warnings.warn(
+            f"sample_sequence_length ({sample_sequence_length}) is greater than "
+            f"min_length_time_axis ({min_length_time_axis}); min_length_time_axis is raised to "
+            f"{sample_sequence_length}, since a sequence needs that many steps.",
+            stacklevel=3,
+        )
+        min_length_time_axis = sample_sequence_length
+    if period > sample_sequence_length:
+        warnings.warn(
+            f"period ({period}) > sample_sequence_length ({sample_sequence_length}): "
+            f"{period - sample_sequence_length} steps of every period are never sampled.",
+            stacklevel=3,
+        )
+    if sample_sequence_length > max_length_time_axis:
+        raise ValueError(
+            f"`sample_sequence_length` ({sample_sequence_length}) must be less than or equal "
+            f"to `max_length_time_axis` ({max_length_time_axis})."
+        )
+    if min_length_time_axis > max_length_time_axis:
+        raise ValueError(
+            f"`min_length_time_axis` ({min_length_time_axis}) must be less than or equal to "
+            f"`max_length_time_axis` ({max_length_time_axis})."
+        )
+    if max_length_time_axis % period:
+        # Items live on a fixed period grid; a time axis that is a multiple of the period keeps
+        # each item in one storage slot (Flashbax does this for its prioritised buffer only).
+        rounded = max_length_time_axis - max_length_time_axis % period
+        warnings.warn(
+            f"max_length_time_axis ({max_length_time_axis}) is rounded down to {rounded}, a "
+            f"multiple of period ({period}).",
+            stacklevel=3,
+        )
+        max_length_time_axis = rounded
+    if sample_sequence_length > max_length_time_axis - period + 1:
+        raise ValueError(
+            f"`sample_sequence_length` ({sample_sequence_length}) must be at most "
+            f"max_length_time_axis - period + 1 = {max_length_time_axis - period + 1}, so that "
+            "a full buffer always holds a sequence that starts on the period grid."
+        )
+    return TrajectoryCore(
+        add_batch_size=add_batch_size,
+        max_length_time_axis=max_length_time_axis,
+        min_length_time_axis=min_length_time_axis,
+        sample_batch_size=sample_batch_size,
+        sample_sequence_length=sample_sequence_length,
+        period=period,
+        **prioritised,
+    )
+
+
+def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
+               add_batch_size: Optional[int], n_step: int, **prioritised) -> TrajectoryCore:
+    checks.positive_int("max_length", max_length)
+    checks.positive_int("min_length", min_length, 0)
+    checks.positive_int("sample_batch_size", sample_batch_size)
+    checks.positive_int("n_step", n_step)
+    rows = 1 if add_batch_size is None else checks.positive_int("add_batch_size", add_batch_size)
+    if sample_batch_size > max_length:
+        raise ValueError(
+            f"sample_batch_size ({sample_batch_size}) must be less than or equal to "
+            f"max_length ({max_length})"
+        )
+    if min_length // rows + 1 > max_length:
+        raise ValueError(f"min_length ({min_length}) used is too large for the buffer size.")
+    if max_length // rows < 2:
+        raise ValueError(
+            f"max_length//add_batch_size must be at least 2. It is currently "
+            f"{max_length}//{rows} = {max_length // rows}"
+        )
+    time_axis = max_length // rows
+    if n_step + 1 > time_axis:
+        raise ValueError(
+            f"n_step ({n_step}) must be below max_length // add_batch_size ({time_axis})"
+        )
+    return TrajectoryCore(
+        add_batch_size=rows,
+        max_length_time_axis=time_axis,
+        min_length_time_axis=max(min_length // rows + 1, n_step + 1),
+        sample_batch_size=sample_batch_size,
+        sample_sequence_length=n_step + 1,
+        period=1,
+        **prioritised,
+    )
+
+
+def _item_core(max_length: int, min_length: int, sample_batch_size: int,
+               **prioritised) -> TrajectoryCore:
+    checks.positive_int("max_length", max_length)
+    checks.positive_int("min_length", min_length, 0)
+    checks.positive_int("sample_batch_size", sample_batch_size)
+    if sample_batch_size > max_length:
+        raise ValueError(
+            f"sample_batch_size ({sample_batch_size}) must be less than or equal to "
+            f"max_length ({max_length})"
+        )
+    if min_length > max_length:
+        raise ValueError(f"min_length ({min_length}) cannot be larger than max_length "
+                         f"({max_length}).")
+    return TrajectoryCore(
+        add_batch_size=1,
+        max_length_time_axis=max_length,
+        min_length_time_axis=max(min_length, 1),
+        sample_batch_size=sample_batch_size,
+        sample_sequence_length=1,
+        period=1,
+        **prioritised,
+    )
+
+
+# ------------------------------------------------------------------------------ uniform
+def make_trajectory_buffer(
+    add_batch_size: int,
+    sample_batch_size: int,
+    sample_sequence_length: int,
+    period: int,
+    min_length_time_axis: int,
+    max_size: Optional[int] = None,
+    max_length_time_axis: Optional[int] = None,
+) -> Buffer:
+    """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
+    sample_sequence_length]` sequences starting on the `period` grid."""
+    core = _trajectory_core(add_batch_size, sample_batch_size, sample_sequence_length, period,
+                            min_length_time_axis, max_size, max_length_time_axis)
+    return Buffer(core, TrajectoryLayout())
+
+
+def make_flat_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batch_size: Optional[int] = None,
+) -> Buffer:
+    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps."""
+    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1)
+    return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+
+
+def make_item_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batches: bool = False,
+) -> Buffer:
+    """Independent items, no time structure; samples `[sample_batch_size, ...]`."""
+    core = _item_core(max_length, min_length, sample_batch_size)
+    return Buffer(core, ItemLayout(add_batches, add_sequences))
+
+
+def make_n_step_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batch_size: Optional[int] = None,
+    *,
+    n_step: int = 1,
+    gamma: float = 0.99,
+    reward_key: str = "reward",
+    done_key: Optional[str] = "done",
+    discount_key: Optional[str] = None,
+    n_step_fn: Optional[Callable] = None,
+) -> Buffer:
+    """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
+    discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
+    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, n_step)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
+                                         returns))
+
+
+def make_trajectory_queue(
+    max_length_time_axis: int,
+    add_batch_size: int,
+    add_sequence_length: int,
+    sample_sequence_length: int,
+    max_size: Optional[int] = None,
+) -> TrajectoryQueue:
+    """A FIFO queue of `[add_batch_size, T]`; `sample` consumes `sample_sequence_length` steps."""
+    checks.positive_int("add_batch_size", add_batch_size)
+    checks.positive_int("add_sequence_length", add_sequence_length)
+    checks.positive_int("sample_sequence_length", sample_sequence_length)
+    if max_size is not None:
+        checks.positive_int("max_size", max_size)
+        max_length_time_axis = max_size // add_batch_size
+        warnings.warn(
+            f"Setting max_size sets max_length_time_axis to max_size // add_batch_size = "
+            f"{max_length_time_axis}.",
+            stacklevel=2,
+        )
+    checks.positive_int("max_length_time_axis", max_length_time_axis)
+    if sample_sequence_length > max_length_time_axis:
+        raise ValueError(
+            f"`sample_sequence_length` ({sample_sequence_length}) must be less than or equal "
+            f"to `max_length_time_axis` ({max_length_time_axis})."
+        )
+    if add_sequence_length > max_length_time_axis:
+        raise ValueError(
+            f"`add_sequence_length` ({add_sequence_length}) must be less than or equal to "
+            f"`max_length_time_axis` ({max_length_time_axis})."
+        )
+    return TrajectoryQueue(max_length_time_axis, add_batch_size, add_sequence_length,
+                           sample_sequence_length)
+
+
+# ----------------------------------------------------------------------------- prioritised
+def make_prioritised_trajectory_buffer(
+    add_batch_size: int,
+    sample_batch_size: int,
+    sample_sequence_length: int,
+    period: int,
+    min_length_time_axis: int,
+    max_size: Optional[int] = None,
+    max_length_time_axis: Optional[int] = None,
+    priority_exponent: float = 0.6,
+    device: str = "cpu",
+    *,
+    sampling: str = "stratified",
+    branching: int = sum_tree.DEFAULT_BRANCHING,
+    ignore_stale_priorities: bool = True,
+) -> PrioritisedBuffer:
+    """A trajectory buffer sampled with probability `priority ** priority_exponent / total`.
+
+    `sampling`: "stratified" (one draw per equal slice of the total, as Flashbax) or
+    "independent" (i.i.d. draws). `branching`: children per sum-tree node.
+    """
+    _prioritised_options(priority_exponent, device, sampling, branching)
+    core = _trajectory_core(
+        add_batch_size, sample_batch_size, sample_sequence_length, period, min_length_time_axis,
+        max_size, max_length_time_axis, priority_exponent=float(priority_exponent),
+        sampling=sampling, branching=branching, ignore_stale_priorities=ignore_stale_priorities,
+    )
+    return PrioritisedBuffer(core, TrajectoryLayout())
+
+
+def make_prioritised_flat_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batch_size: Optional[int] = None,
+    priority_exponent: float = 0.6,
+    device: str = "cpu",
+    *,
+    sampling: str = "stratified",
+    branching: int = sum_tree.DEFAULT_BRANCHING,
+    ignore_stale_priorities: bool = True,
+) -> PrioritisedBuffer:
+    """A prioritised flat buffer (PER, Schaul et al. 2015)."""
+    _prioritised_options(priority_exponent, device, sampling, branching)
+    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1,
+                      priority_exponent=float(priority_exponent), sampling=sampling,
+                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+
+
+def make_prioritised_item_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batches: bool = False,
+    priority_exponent: float = 0.6,
+    device: str = "cpu",
+    *,
+    sampling: str = "stratified",
+    branching: int = sum_tree.DEFAULT_BRANCHING,
+    ignore_stale_priorities: bool = True,
+) -> PrioritisedBuffer:
+    """Prioritised independent items."""
+    _prioritised_options(priority_exponent, device, sampling, branching)
+    core = _item_core(max_length, min_length, sample_batch_size,
+                      priority_exponent=float(priority_exponent), sampling=sampling,
+                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+    return PrioritisedBuffer(core, ItemLayout(add_batches, add_sequences))
+
+
+def make_prioritised_n_step_buffer(
+    max_length: int,
+    min_length: int,
+    sample_batch_size: int,
+    add_sequences: bool = False,
+    add_batch_size: Optional[int] = None,
+    priority_exponent: float = 0.6,
+    device: str = "cpu",
+    *,
+    n_step: int = 1,
+    gamma: float = 0.99,
+    reward_key: str = "reward",
+    done_key: Optional[str] = "done",
+    discount_key: Optional[str] = None,
+    n_step_fn: Optional[Callable] = None,
+    sampling: str = "stratified",
+    branching: int = sum_tree.DEFAULT_BRANCHING,
+    ignore_stale_priorities: bool = True,
+) -> PrioritisedBuffer:
+    """The prioritised n-step buffer of the Flashbax quickstart (never released there):
+    `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
+    add_batch_size, priority_exponent, n_step=3)`."""
+    _prioritised_options(priority_exponent, device, sampling, branching)
+    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, n_step,
+                      priority_exponent=float(priority_exponent), sampling=sampling,
+                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    return PrioritisedBuffer(
+        core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)
+    )

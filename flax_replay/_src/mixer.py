@@ -1,0 +1,78 @@
+"""Sampling several buffers in fixed proportions.
+
+Each buffer draws exactly its share of the batch with its own `sample(..., batch_size=n_i)`,
+so every part has that buffer's own distribution. (Flashbax's mixer draws a full batch from
+each buffer and keeps the first rows; a stratified prioritised sample is sorted by tree
+position, so it only ever saw the low part of each tree.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from flax_replay._src import checks
+
+
+def _shares(batch: int, proportions: Sequence[float]) -> tuple[int, ...]:
+    """Largest-remainder rounding of `batch * p / sum(p)`: integers that sum to `batch`."""
+    total = float(sum(proportions))
+    exact = [batch * p / total for p in proportions]
+    sizes = [math.floor(x) for x in exact]
+    order = sorted(range(len(exact)), key=lambda i: sizes[i] - exact[i])
+    for i in order[: batch - sum(sizes)]:
+        sizes[i] += 1
+    return tuple(sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Mixer:
+    """`sample(states, key)` concatenates each buffer's share along the batch axis;
+    `split(sample)` gives the parts back (e.g. to set each buffer's priorities)."""
+
+    buffers: tuple
+    sample_batch_size: int
+    proportions: tuple
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return _shares(self.sample_batch_size, self.proportions)
+
+    def sample(self, states: Sequence[Any], rng_key: jax.Array) -> Any:
+        if len(states) != len(self.buffers):
+            raise ValueError(f"sample: got {len(states)} states for {len(self.buffers)} buffers")
+        keys = jax.random.split(rng_key, len(self.buffers))
+        parts = [
+            buf.sample(state, key, batch_size=n)
+            for buf, state, key, n in zip(self.buffers, states, keys, self.batch_sizes)
+            if n > 0
+        ]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+
+    def split(self, sample: Any) -> list:
+        """The per-buffer parts of a mixed sample (an empty part for a zero share)."""
+        bounds = [0, *itertools.accumulate(self.batch_sizes)]
+        return [
+            jax.tree.map(lambda x: x[lo:hi], sample) for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+    def can_sample(self, states: Sequence[Any]) -> jax.Array:
+        return jnp.all(jnp.stack([b.can_sample(s) for b, s in zip(self.buffers, states)]))
+
+
+def make_mixer(buffers: Sequence[Any], sample_batch_size: int,
+               proportions: Sequence[float]) -> Mixer:
+    """Flashbax's `make_mixer(buffers, sample_batch_size, proportions)`."""
+    checks.positive_int("sample_batch_size", sample_batch_size)
+    if len(buffers) != len(proportions) or not buffers:
+        raise ValueError(
+            f"need one proportion per buffer, got {len(proportions)} for {len(buffers)} buffers"
+        )
+    if any(not (p >= 0) for p in proportions) or sum(proportions) <= 0:
+        raise ValueError(f"proportions must be >= 0 with a positive sum, got {proportions}")
+    return Mixer(tuple(buffers), sample_batch_size, tuple(float(p) for p in proportions))
