@@ -39,6 +39,7 @@ from flax_replay._src.mixer import Mixer, make_mixer
 from flax_replay._src.nnx import Priorities, Replay
 from flax_replay._src.queue import TrajectoryQueue, TrajectoryQueueState
 from flax_replay._src.state import from_collections, to_collections
+from flax_replay._src.train_state import TrainState
 
 # Flashbax's names for the sample and state types.
 TrajectoryBufferSample = Sample
@@ -58,5 +59,5 @@ __all__ = [
     "make_flat_buffer", "make_trajectory_buffer", "make_item_buffer", "make_trajectory_queue",
     "make_prioritised_flat_buffer", "make_prioritised_trajectory_buffer",
     "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
-    "make_mixer", "to_collections", "from_collections", "linen", "nnx",
+    "make_mixer", "TrainState", "to_collections", "from_collections", "linen", "nnx",
 ]
