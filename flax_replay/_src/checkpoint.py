@@ -1,0 +1,399 @@
+"""Saving and resuming a training run, buffer included, with `orbax.checkpoint.CheckpointManager`.
+
+One checkpoint step is one directory with six separate Orbax items:
+
+    <directory>/<step>/params      model parameters
+                      /opt_state   optimizer state
+                      /replay      the "replay" collection (experience, write position, fill)
+                      /priorities  the "priorities" collection (sum tree, ...); absent if uniform
+                      /rng         {"key_data": uint32[..., 2]} (typed keys saved as their data)
+                      /step        {"step": int32[]} (the TrainState's / optimizer's counter)
+
+Items are separate so that `restore_params` reads `params` only (evaluation never touches the
+buffer's gigabytes). Everything else is plain Orbax: a user can open the same checkpoint with
+`manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))`.
+
+Restores go into abstract targets (`jax.ShapeDtypeStruct`) made from a template state, each with
+the template leaf's concrete sharding, so a restored buffer lands sharded as the template is
+(or is resharded to it). Before reading any array the checkpoint's metadata is compared with
+the template: another buffer capacity, a missing or extra leaf, another shape or dtype is a
+`ValueError` that names it. Orbax itself would refuse some of these with a less specific
+message; none is ever silently reshaped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+ITEMS = ("params", "opt_state", "replay", "priorities", "rng", "step")
+_EXPERIENCE = "experience"  # the storage field of every buffer state (see state.py)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint step exists but cannot be read (truncated, corrupted, or written by
+    something else). The message names the step and the steps that remain."""
+
+
+# ------------------------------------------------------------------------------ manager
+def default_directory(name: str) -> epath.Path:
+    """`<repo>/checkpoints/<name>` when flax_replay runs from its source tree (the examples'
+    default), otherwise `./checkpoints/<name>` under the working directory."""
+    repo = Path(__file__).resolve().parents[2]
+    root = repo / "checkpoints" if (repo / "checkpoints").is_dir() else Path.cwd() / "checkpoints"
+    return epath.Path(root / name)
+
+
+def _absolute(directory: epath.PathLike) -> epath.Path:
+    text = os.fspath(directory)
+    if "://" in text:  # gs://, s3://, ...: already absolute for Orbax
+        return epath.Path(directory)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def make_manager(
+    directory: epath.PathLike,
+    *,
+    max_to_keep: Optional[int] = 3,
+    save_interval_steps: int = 1,
+    enable_async: bool = True,
+) -> ocp.CheckpointManager:
+    """A `CheckpointManager` for the six items above (relative paths made absolute).
+
+    With `enable_async`, `save` returns once the arrays are copied to host memory and writes
+    in a background thread; a step becomes visible (`latest_step`) only when completely
+    written, so a crash mid-save leaves the previous step as the latest. Call
+    `manager.wait_until_finished()` (or `manager.close()`) before the process exits.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=enable_async,
+        # Half-written steps of a crashed process are temporary directories: never listed as
+        # steps, and removed when the next manager opens the directory.
+        cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(
+        _absolute(directory),
+        options=options,
+        item_names=ITEMS,
+        # Registered up front so that metadata and single items can be read by a fresh manager.
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS},
+    )
+
+
+def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
+    """The newest completely written step, or None."""
+    return manager.latest_step()
+
+
+# ------------------------------------------------------------------------------ helpers
+def _is_typed_key(x: Any) -> bool:
+    return jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def _rng_item(rng: jax.Array) -> dict:
+    return {"key_data": jax.random.key_data(rng) if _is_typed_key(rng) else rng}
+
+
+def _rng_template(rng: Any) -> dict:
+    if not _is_typed_key(rng):
+        return {"key_data": rng}
+    data = jax.eval_shape(jax.random.key_data, rng)
+    # Key data has one trailing axis more; the key's sharding leaves it replicated.
+    return {"key_data": jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                             sharding=getattr(rng, "sharding", None))}
+
+
+def _step_item(step: Any) -> dict:
+    # Flax's TrainState.create starts with a Python int 0; store an array either way.
+    return {"step": step if isinstance(step, (jax.Array, jax.ShapeDtypeStruct))
+            else jnp.asarray(step, jnp.int32)}
+
+
+def _has_leaves(tree: PyTree) -> bool:
+    return bool(jax.tree_util.tree_leaves(tree))
+
+
+def _key(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _flat(tree: PyTree) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(_key(k) for k in path): leaf for path, leaf in leaves}
+
+
+def _show(item: str, path: tuple[str, ...]) -> str:
+    return "/".join((item,) + path)
+
+
+def _abstract(item: str, tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs with the template's concrete shardings (restore targets)."""
+
+    def one(path, x):
+        sharding = getattr(x, "sharding", None)
+        if sharding is None:
+            x = jnp.asarray(x)  # NumPy arrays and scalars: place on the default device
+            sharding = x.sharding
+        mesh = getattr(sharding, "mesh", None)
+        if isinstance(mesh, jax.sharding.AbstractMesh):
+            raise ValueError(
+                f"restore target {_show(item, tuple(_key(k) for k in path))!r} has a sharding "
+                f"over an AbstractMesh ({sharding}); Orbax needs concrete devices. Build the "
+                "template with real arrays, or give it a NamedSharding over a concrete "
+                "jax.sharding.Mesh."
+            )
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
+    try:
+        return fn()
+    except ValueError as e:
+        if isinstance(e, CheckpointError) or "not compatible with the stored shape" in str(e):
+            raise
+        err = e
+    except Exception as e:  # tensorstore/OSError/JSON errors of a damaged step
+        err = e
+    others = [s for s in manager.all_steps() if s != step]
+    raise CheckpointError(
+        f"checkpoint step {step} in {manager.directory} could not be read ({what}): it is "
+        f"truncated, corrupted or not a flax_replay checkpoint. Other steps available: "
+        f"{others or 'none'} (restore one with step=...). Cause: {type(err).__name__}: "
+        f"{str(err)[:500]}"
+    ) from err
+
+
+def _step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    try:  # honours a user's step_name_format; private, hence the fallback
+        return manager._get_read_step_directory(step, manager.directory)
+    except AttributeError:
+        return ocp.step.standard_name_format().find_step(manager.directory, step).path
+
+
+def _metadata(manager: ocp.CheckpointManager, step: int, items) -> dict[str, PyTree]:
+    """The tree metadata (shapes, dtypes) of `items` only: other items' files are not read
+    (`manager.item_metadata` would read them all)."""
+
+    def read():
+        root = _step_directory(manager, step)
+        out = {}
+        for item in items:
+            if (root / item).exists():
+                meta = ocp.StandardCheckpointHandler().metadata(root / item)
+                out[item] = getattr(meta, "tree", meta)
+        return out
+
+    return _wrap_errors(manager, step, "metadata", read)
+
+
+def _buffers(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], tuple[int, int]]:
+    """For each buffer in a "replay" tree: its location -> (rows, time) of its storage."""
+    out = {}
+    for path, leaf in flat.items():
+        if _EXPERIENCE in path and len(getattr(leaf, "shape", ())) >= 2:
+            out.setdefault(path[: path.index(_EXPERIENCE)], tuple(leaf.shape[:2]))
+    return out
+
+
+def check_compatible(manager: ocp.CheckpointManager, step: int,
+                     templates: dict[str, PyTree]) -> None:
+    """Raises a ValueError naming every difference between the checkpoint's items and the
+    template trees (`{item: tree}`): buffer capacity, missing/extra leaves, shapes, dtypes."""
+    meta = _metadata(manager, step, tuple(templates))
+    problems: list[str] = []
+    for item, template in templates.items():
+        want = _flat(template) if _has_leaves(template) else {}
+        if item not in meta:
+            if want:
+                problems.append(f"item '{item}' is in the template but not in the checkpoint")
+            continue
+        have = _flat(meta[item])
+        if not want:
+            problems.append(f"item '{item}' is in the checkpoint but empty in the template")
+            continue
+        if item == "replay":
+            b_have, b_want = _buffers(have), _buffers(want)
+            for loc in sorted(set(b_have) & set(b_want)):
+                (r0, t0), (r1, t1) = b_have[loc], b_want[loc]
+                if (r0, t0) != (r1, t1):
+                    problems.append(
+                        f"buffer capacity differs at '{_show(item, loc)}': the checkpoint "
+                        f"stores {r0} rows x {t0} steps = {r0 * t0}, the template {r1} rows x "
+                        f"{t1} steps = {r1 * t1} (add_batch_size x max_length_time_axis)"
+                    )
+        for path in sorted(set(want) - set(have)):
+            problems.append(f"leaf '{_show(item, path)}' is in the template but not in the "
+                            "checkpoint")
+        for path in sorted(set(have) - set(want)):
+            problems.append(f"leaf '{_show(item, path)}' is in the checkpoint but not in the "
+                            "template")
+        for path in sorted(set(have) & set(want)):
+            h, w = have[path], want[path]
+            hs, ws = tuple(getattr(h, "shape", ())), tuple(np.shape(w))
+            if hs != ws:
+                problems.append(f"leaf '{_show(item, path)}': shape {hs} in the checkpoint, "
+                                f"{ws} in the template")
+            hd, wd = getattr(h, "dtype", None), getattr(w, "dtype", None)
+            if hd is not None and wd is not None and np.dtype(hd) != np.dtype(wd):
+                problems.append(f"leaf '{_show(item, path)}': dtype {np.dtype(hd)} in the "
+                                f"checkpoint, {np.dtype(wd)} in the template")
+    if problems:
+        shown = problems[:12] + ([f"... and {len(problems) - 12} more"] if len(problems) > 12
+                                 else [])
+        raise ValueError(
+            f"checkpoint step {step} in {manager.directory} does not match the template "
+            "(refusing to reshape):\n  " + "\n  ".join(shown)
+        )
+
+
+def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
+    if step is None:
+        step = manager.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {manager.directory}")
+    elif step not in manager.all_steps():
+        raise FileNotFoundError(f"no checkpoint step {step} in {manager.directory} "
+                                f"(steps: {list(manager.all_steps())})")
+    return int(step)
+
+
+def _save_items(manager, step, items: dict[str, PyTree], force: bool) -> bool:
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items() if _has_leaves(v)}
+    return manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+
+def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree]
+                   ) -> tuple[dict[str, PyTree], int]:
+    step = _resolve_step(manager, step)
+    check_compatible(manager, step, templates)
+    args = {k: ocp.args.StandardRestore(_abstract(k, v))
+            for k, v in templates.items() if _has_leaves(v)}
+    restored = _wrap_errors(manager, step, "arrays",
+                            lambda: manager.restore(step, args=ocp.args.Composite(**args)))
+    # Empty items (no priorities for a uniform buffer) come back as the template.
+    return {k: restored[k] if k in args else v for k, v in templates.items()}, step
+
+
+def _restored_rng(template: Any, data: jax.Array) -> jax.Array:
+    if _is_typed_key(template):
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(template))
+    return data
+
+
+# ------------------------------------------------------------------------------ Linen
+def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, *,
+         force: bool = False) -> bool:
+    """Saves `state` (a `flax_replay.TrainState`) and `rng` as checkpoint `step`.
+
+    Returns whether a save started (False when `step` is not on `save_interval_steps`, unless
+    `force`). Asynchronous by default: the arrays are copied to host before this returns, so
+    the next (donated) training step may overwrite the device buffers immediately.
+    """
+    return _save_items(manager, step, {
+        "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
+        "priorities": state.priorities, "rng": _rng_item(rng), "step": _step_item(state.step),
+    }, force)
+
+
+def restore(manager: ocp.CheckpointManager, state: Any, rng: jax.Array,
+            step: Optional[int] = None) -> tuple[Any, jax.Array, int]:
+    """Restores checkpoint `step` (default: latest) into the shapes, dtypes and shardings of
+    the template `state` and `rng` (arrays or ShapeDtypeStructs with concrete shardings).
+
+    Returns `(state, rng, step)`; `rng` is a typed key if the template is. Raises
+    `FileNotFoundError` if there is no such step, `ValueError` naming the capacity, leaf, shape
+    or dtype that differs from the template, `CheckpointError` if the step is damaged.
+    """
+    templates = {
+        "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
+        "priorities": state.priorities, "rng": _rng_template(rng),
+        "step": _step_item(state.step),
+    }
+    out, step = _restore_items(manager, step, templates)
+    new_state = state.replace(params=out["params"], opt_state=out["opt_state"],
+                              replay=out["replay"], priorities=out["priorities"],
+                              step=out["step"]["step"])
+    return new_state, _restored_rng(rng, out["rng"]["key_data"]), step
+
+
+def restore_params(manager: ocp.CheckpointManager, params_template: PyTree,
+                   step: Optional[int] = None) -> PyTree:
+    """The `params` item alone (e.g. for evaluation), into the template's shapes and shardings;
+    no other item's files are opened."""
+    out, _ = _restore_items(manager, step, {"params": params_template})
+    return out["params"]
+
+
+# ------------------------------------------------------------------------------ NNX
+def _nnx_items(model: Any, optimizer: Any) -> dict[str, PyTree]:
+    from flax import nnx
+
+    from flax_replay._src.nnx import Priorities, Replay
+
+    opt = nnx.to_pure_dict(nnx.state(optimizer, nnx.OptState))
+    step = opt.pop("step", jnp.zeros((), jnp.uint32))
+    return {
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        "opt_state": opt,
+        "replay": nnx.to_pure_dict(nnx.state(model, Replay)),
+        "priorities": nnx.to_pure_dict(nnx.state(model, Priorities)),
+        "step": _step_item(step),
+    }
+
+
+def _nnx_assign(obj: Any, filt: Any, pure: dict) -> None:
+    """Sets every Variable of `obj` matching `filt` from `pure` (a tree like
+    `nnx.to_pure_dict`'s; a Variable's value may itself be a tree, e.g. `experience`)."""
+    from flax import nnx
+
+    flat = []
+    for path, var in nnx.to_flat_state(nnx.state(obj, filt)):
+        node = pure
+        for k in path:
+            node = node[k]
+        flat.append((path, var.replace(node)))
+    nnx.update(obj, nnx.from_flat_state(flat))
+
+
+def save_nnx(manager: ocp.CheckpointManager, step: int, model: Any, optimizer: Any,
+             rng: jax.Array, *, force: bool = False) -> bool:
+    """`save` for NNX: `nnx.Param`s of `model` -> params, the `nnx.OptState`s of `optimizer`
+    -> opt_state (its `step` counter -> step), `Replay`/`Priorities` Variables -> replay and
+    priorities. Same items, so `restore_params` works on either flavour's checkpoints."""
+    items = _nnx_items(model, optimizer)
+    items["rng"] = _rng_item(rng)
+    return _save_items(manager, step, items, force)
+
+
+def restore_nnx(manager: ocp.CheckpointManager, model: Any, optimizer: Any, rng: jax.Array,
+                step: Optional[int] = None) -> tuple[jax.Array, int]:
+    """Restores `model` and `optimizer` in place (their current arrays are the template:
+    shapes, dtypes, shardings) and returns `(rng, step)`. Errors as `restore`."""
+    from flax import nnx
+
+    from flax_replay._src.nnx import Priorities, Replay
+
+    templates = _nnx_items(model, optimizer)
+    templates["rng"] = _rng_template(rng)
+    out, step = _restore_items(manager, step, templates)
+    _nnx_assign(model, nnx.Param, out["params"])
+    _nnx_assign(model, Replay, out["replay"])
+    _nnx_assign(model, Priorities, out["priorities"])
+    _nnx_assign(optimizer, nnx.OptState, {**out["opt_state"], "step": out["step"]["step"]})
+    return _restored_rng(rng, out["rng"]["key_data"]), step
