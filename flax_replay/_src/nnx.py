@@ -82,6 +82,9 @@ class ReplayBuffer(nnx.Module):
             state, out = self.buffer.sample(self.state())
             self._write(state, (REPLAY,))
             return out
+        if rng is None:
+            raise ValueError("sample: pass rng, a PRNG key or an nnx.Rngs (only the queue "
+                             "samples without one)")
         key = rng() if isinstance(rng, nnx.Rngs) else rng
         return self.buffer.sample(self.state(), key, batch_size)
 

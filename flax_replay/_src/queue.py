@@ -48,8 +48,10 @@ class TrajectoryQueue:
     def init(self, experience: PyTree) -> TrajectoryQueueState:
         r, t = self.add_batch_size, self.max_length_time_axis
         storage = empty_storage(experience, (r, t))
-        zero = jnp.zeros((), jnp.int32)
-        return TrajectoryQueueState(storage, zero, zero, jnp.zeros((), bool))
+        # Distinct arrays: one buffer shared by two fields cannot be donated (jit refuses to
+        # donate the same buffer twice).
+        return TrajectoryQueueState(storage, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                                    jnp.zeros((), bool))
 
     def size(self, state: TrajectoryQueueState) -> Array:
         """Steps per row waiting to be read."""
