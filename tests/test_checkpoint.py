@@ -197,6 +197,36 @@ def test_restore_roundtrip_with_typed_and_raw_keys(tmp_path, trained):
         assert int(new.step) == int(state.step) > 0
 
 
+def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path):
+    """Orbax keeps references to the arrays while it writes (on CPU, zero-copy views): a
+    donated step issued meanwhile must not overwrite what is being written."""
+    buffer = fbx.make_prioritised_flat_buffer(max_length=4096, min_length=1,
+                                              sample_batch_size=1, add_batch_size=4)
+    cols = fbx.to_collections(buffer.init({"obs": jnp.zeros(1024)}))
+    cols["replay"]["experience"]["obs"] = jax.random.normal(jax.random.key(0),
+                                                            (4, 1024, 1024))  # 16 MiB
+    state = fbx.TrainState.create(apply_fn=None, params={"w": jnp.ones(3)},
+                                  tx=job.optax.sgd(0.1), replay={"b": cols["replay"]},
+                                  priorities={"b": cols["priorities"]})
+    before = np.array(state.replay["b"]["experience"]["obs"])
+
+    def overwrite(state):
+        b = state.replay["b"]
+        experience = {"obs": b["experience"]["obs"] + 1}
+        return state.replace(replay={"b": {**b, "experience": experience}})
+
+    overwrite = jax.jit(overwrite, donate_argnums=0)
+    manager = ckpt.make_manager(tmp_path)
+    ckpt.save(manager, 1, state, jax.random.key(1))
+    state = jax.block_until_ready(overwrite(state))  # while the save is (likely) in flight
+    manager.wait_until_finished()
+    np.testing.assert_array_equal(np.asarray(state.replay["b"]["experience"]["obs"]),
+                                  before + 1)
+    restored, _, _ = ckpt.restore(manager, state, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(restored.replay["b"]["experience"]["obs"]),
+                                  before)
+
+
 def test_save_respects_interval_and_max_to_keep(tmp_path, trained):
     _, state, rng = trained
     manager = ckpt.make_manager(tmp_path, max_to_keep=2, save_interval_steps=2,

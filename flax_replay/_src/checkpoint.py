@@ -69,9 +69,9 @@ def make_manager(
 ) -> ocp.CheckpointManager:
     """A `CheckpointManager` for the six items above (relative paths made absolute).
 
-    With `enable_async`, `save` returns once the arrays are copied to host memory and writes
-    in a background thread; a step becomes visible (`latest_step`) only when completely
-    written, so a crash mid-save leaves the previous step as the latest. Call
+    With `enable_async`, `save` returns once the arrays are on their way to host memory and
+    writes in a background thread; a step becomes visible (`latest_step`) only when completely
+    written (atomic rename), so a crash mid-save leaves the previous step as the latest. Call
     `manager.wait_until_finished()` (or `manager.close()`) before the process exits.
     """
     options = ocp.CheckpointManagerOptions(
@@ -302,8 +302,11 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, 
     """Saves `state` (a `flax_replay.TrainState`) and `rng` as checkpoint `step`.
 
     Returns whether a save started (False when `step` is not on `save_interval_steps`, unless
-    `force`). Asynchronous by default: the arrays are copied to host before this returns, so
-    the next (donated) training step may overwrite the device buffers immediately.
+    `force`; Orbax always saves the first step it sees). Asynchronous by default, and safe with
+    donation: on GPU/TPU the arrays are copied to host before this returns; on CPU Orbax keeps
+    references while it writes, and a donated step issued meanwhile makes XLA copy the buffer
+    instead of updating it in place (correct, but a copy: for a large buffer, save every few
+    hundred steps rather than every step).
     """
     return _save_items(manager, step, {
         "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
