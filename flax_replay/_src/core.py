@@ -389,7 +389,9 @@ class TrajectoryCore:
             (ps.sum_tree, ps.min_tree), self.tree_geometry, safe, (leaf, min_leaf), keep,
             ("sum", "min"),
         )
-        max_p = jnp.maximum(ps.max_priority, jnp.max(jnp.where(keep, priorities, 0.0)))
+        # initial=0: an empty update (e.g. a mixer part of size 0) is a no-op, not an error.
+        max_p = jnp.maximum(ps.max_priority,
+                            jnp.max(jnp.where(keep, priorities, 0.0), initial=0.0))
         return state.replace(
             priority_state=PriorityState(sum_tree=sum_t, min_tree=min_t, max_priority=max_p)
         )

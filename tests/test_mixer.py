@@ -1,0 +1,155 @@
+"""make_mixer: each buffer draws exactly its share, with its own distribution over its whole
+tree; split() gives parts that set_priorities takes; can_sample needs every buffer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import flax_replay as fbx
+
+ALPHA = 0.6
+DRAWS = 2000
+
+
+def make(max_length, sample_batch_size=8):
+    return fbx.make_prioritised_flat_buffer(max_length=max_length, min_length=1,
+                                            sample_batch_size=sample_batch_size,
+                                            add_batch_size=2, priority_exponent=ALPHA)
+
+
+def filled(buffer, offset, steps):
+    """Rows of `steps` steps whose obs is offset + row * 1000 + t (buffer, row, time)."""
+    state = buffer.init({"obs": jnp.int32(0)})
+    add = jax.jit(buffer.add)
+    for t in range(steps):
+        state = add(state, {"obs": jnp.int32(offset) + jnp.array([0, 1000], jnp.int32) + t})
+    return state
+
+
+@pytest.fixture(scope="module")
+def two_buffers():
+    a, b = make(32), make(64)  # 2 rows x 16 steps, 2 rows x 32 steps
+    state_a, state_b = filled(a, 0, 20), filled(b, 100_000, 30)
+    # Buffer b: priorities rise with the leaf, so most of its mass sits at the end of its
+    # tree (what a mixer that keeps the first rows of a sorted sample never reaches).
+    n_b = b.core.num_items
+    state_b = b.set_priorities(state_b, jnp.arange(n_b), 0.1 + jnp.arange(n_b) ** 2 / 50.0)
+    rng = np.random.default_rng(0)
+    state_a = a.set_priorities(state_a, jnp.arange(a.core.num_items),
+                               jnp.asarray(rng.uniform(0.2, 4.0, a.core.num_items)))
+    return (a, state_a), (b, state_b)
+
+
+def leaf_weights(buffer, state):
+    n = buffer.core.num_items
+    return np.asarray(state.priority_state.sum_tree[-n:], np.float64)
+
+
+@pytest.mark.parametrize("batch,proportions", [
+    (16, [1, 3]), (10, [1, 1, 1]), (7, [0.2, 0.3, 0.5]), (5, [0, 1]), (9, [2, 1e-9]),
+])
+def test_batch_sizes_are_the_shares_and_sum_to_the_batch(two_buffers, batch, proportions):
+    (a, _), _ = two_buffers
+    mixer = fbx.make_mixer([a] * len(proportions), batch, proportions)
+    sizes = mixer.batch_sizes
+    assert sum(sizes) == batch and len(sizes) == len(proportions)
+    exact = batch * np.asarray(proportions) / sum(proportions)
+    assert np.all(np.abs(np.asarray(sizes) - exact) < 1), (sizes, exact)
+
+
+@pytest.fixture(scope="module")
+def draws(two_buffers):
+    """DRAWS mixed samples of 16 (4 from a, 12 from b), and, for contrast, 200 full batches
+    of 16 from b alone; one jitted call."""
+    (a, state_a), (b, state_b) = two_buffers
+    mixer = fbx.make_mixer([a, b], 16, [1, 3])
+
+    @jax.jit
+    def draw(states, key):
+        keys = jax.random.split(key, DRAWS)
+        mixed = jax.vmap(mixer.sample, in_axes=(None, 0))(states, keys)
+        full = jax.vmap(lambda k: b.sample(states[1], k, batch_size=16))(keys[:200])
+        return mixed, full
+
+    return mixer, *draw((state_a, state_b), jax.random.key(0))
+
+
+def test_each_part_has_its_buffers_distribution(two_buffers, draws):
+    (a, state_a), (b, state_b) = two_buffers
+    mixer, sample, full = draws
+    assert mixer.batch_sizes == (4, 12)
+    assert sample.indices.shape == (DRAWS, 16)
+    obs = np.asarray(sample.experience.first["obs"])
+    assert np.all(obs[:, :4] < 100_000) and np.all(obs[:, 4:] >= 100_000)  # exactly its share
+    for name, buf, state, cols in (("a", a, state_a, slice(0, 4)),
+                                   ("b", b, state_b, slice(4, 16))):
+        idx = np.asarray(sample.indices[:, cols]).ravel()
+        w = leaf_weights(buf, state)
+        counts = np.bincount(idx, minlength=w.size)
+        assert counts[w == 0].sum() == 0
+        keep = w > 0
+        expected = w[keep] / w[keep].sum() * idx.size
+        p = stats.chisquare(counts[keep], expected).pvalue
+        print(f"mixer part {name}: chi-square p = {p:.4f} over {keep.sum()} items, "
+              f"{idx.size} draws")
+        assert p > 1e-3
+    # The whole of b's tree is reached: draws land in each quarter of its CDF (by the midpoint
+    # of the leaf's interval) as often as that quarter's mass says.
+    w = leaf_weights(b, state_b)
+    upper = np.cumsum(w) / w.sum()
+    lower = upper - w / w.sum()
+    quarter = np.minimum((lower + upper) * 2, 3).astype(int)  # midpoint * 4
+    idx_b = np.asarray(sample.indices[:, 4:]).ravel()
+    mass = np.bincount(quarter, weights=w / w.sum(), minlength=4)
+    np.testing.assert_allclose(np.bincount(quarter[idx_b], minlength=4) / idx_b.size, mass,
+                               atol=0.01)
+    assert lower[idx_b].max() > 0.9
+    # Why it matters: a stratified sample is sorted by tree position, so keeping the first 12
+    # of a full 16 (Flashbax's mixer) never gets past three quarters of the CDF.
+    assert lower[np.asarray(full.indices[:, :12])].max() < 0.75
+
+
+def test_split_parts_feed_set_priorities(two_buffers, draws):
+    (a, state_a), (b, state_b) = two_buffers
+    mixer, many, _ = draws
+    sample = jax.tree.map(lambda x: x[0], many)  # one mixed batch
+    part_a, part_b = mixer.split(sample)
+    assert part_a.indices.shape == (4,) and part_b.indices.shape == (12,)
+    assert isinstance(part_b, fbx.PrioritisedSample)
+    np.testing.assert_array_equal(part_b.indices, sample.indices[4:])
+    new_a = a.set_priorities(state_a, part_a, jnp.full(4, 7.0))  # the part carries versions
+    new_b = b.set_priorities(state_b, part_b, jnp.full(12, 9.0))
+    for buf, old, new, part, p in ((a, state_a, new_a, part_a, 7.0),
+                                   (b, state_b, new_b, part_b, 9.0)):
+        before, after = leaf_weights(buf, old), leaf_weights(buf, new)
+        touched = np.unique(np.asarray(part.indices))
+        np.testing.assert_allclose(after[touched], np.float32(p) ** np.float32(ALPHA), rtol=1e-6)
+        untouched = np.setdiff1d(np.arange(before.size), touched)
+        np.testing.assert_array_equal(after[untouched], before[untouched])
+
+
+def test_zero_share_gives_an_empty_part_that_set_priorities_accepts(two_buffers):
+    (a, state_a), (b, state_b) = two_buffers
+    mixer = fbx.make_mixer([a, b], 8, [0, 1])
+    sample = mixer.sample((state_a, state_b), jax.random.key(2))
+    assert np.all(np.asarray(sample.experience.first["obs"]) >= 100_000)
+    part_a, part_b = mixer.split(sample)
+    assert part_a.indices.shape == (0,) and part_b.indices.shape == (8,)
+    same = a.set_priorities(state_a, part_a, jnp.zeros((0,)))
+    np.testing.assert_array_equal(same.priority_state.sum_tree, state_a.priority_state.sum_tree)
+
+
+def test_can_sample_needs_every_buffer(two_buffers):
+    (a, state_a), (b, state_b) = two_buffers
+    mixer = fbx.make_mixer([a, b], 8, [1, 1])
+    can_sample = jax.jit(mixer.can_sample)
+    assert bool(can_sample((state_a, state_b)))
+    empty_b = b.init({"obs": jnp.int32(0)})
+    assert not bool(can_sample((state_a, empty_b)))
+    assert not bool(mixer.can_sample((a.init({"obs": jnp.int32(0)}), state_b)))
+    with pytest.raises(ValueError, match="states"):
+        mixer.sample((state_a,), jax.random.key(0))
+    with pytest.raises(ValueError, match="proportion"):
+        fbx.make_mixer([a, b], 8, [1])

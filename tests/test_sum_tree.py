@@ -1,0 +1,329 @@
+"""The exact wide sum tree: no drift, zero leaves unreachable, last duplicate wins, min tree,
+new items at the (float) max priority, and no O(N) work per update."""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.extend.core import jaxprs_in_params
+
+import flax_replay as fbx
+from flax_replay._src import sum_tree
+
+
+# ----------------------------------------------------------------------------------- helpers
+_update = jax.jit(sum_tree.update, static_argnums=(1, 5))
+_sample = jax.jit(sum_tree.sample, static_argnums=1)
+
+
+def levels(tree, geo):
+    """The flat node array as a list of per-depth NumPy arrays, root first."""
+    tree = np.asarray(tree)
+    return [tree[o : o + s] for o, s in zip(geo.offsets, geo.sizes)]
+
+
+def assert_parents_are_children_reductions(tree, geo, reducer):
+    """Every internal node is the sum (min) of its stored children. A float32 sum of 16
+    non-negative values is within 15 * 2**-24 < 1e-6 (relative) of the exact sum, whatever the
+    order; an all-zero family must give exactly 0. A min is exact."""
+    lv = levels(tree, geo)
+    k = geo.branching
+    identity = 0.0 if reducer == "sum" else np.inf
+    for d in range(1, len(lv)):
+        children = np.full(geo.sizes[d - 1] * k, identity, np.float64)
+        children[: geo.sizes[d]] = lv[d]
+        children = children.reshape(-1, k)
+        parents = lv[d - 1].astype(np.float64)
+        if reducer == "sum":
+            exact = children.sum(axis=1)
+            np.testing.assert_allclose(parents, exact, rtol=1e-6, atol=0, err_msg=f"depth {d-1}")
+            assert np.all((parents == 0) == (exact == 0)), f"depth {d - 1}: zero families"
+        else:
+            np.testing.assert_array_equal(parents, children.min(axis=1), err_msg=f"depth {d-1}")
+
+
+def build(values, branching=16):
+    """A sum tree and a min tree (0 -> inf) holding `values`, written through `update`."""
+    values = np.asarray(values, np.float32)
+    geo = sum_tree.geometry(values.size, branching)
+    trees = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf))
+    index = jnp.arange(values.size)
+    mins = np.where(values > 0, values, np.inf).astype(np.float32)
+    trees = _update(trees, geo, index, (jnp.asarray(values), jnp.asarray(mins)),
+                    jnp.ones(values.size, bool), ("sum", "min"))
+    return geo, trees
+
+
+# ----------------------------------------------------------------------- a million updates
+NUM_LEAVES = 50_003  # not a multiple of 16: the last family has padding children
+CALLS, STEPS, BATCH = 10, 100, 1000  # 10 * 100 * 1000 = one million leaf writes
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _random_updates(geo, trees, key):
+    def body(_, carry):
+        trees, key = carry
+        key, k_idx, k_mag, k_zero = jax.random.split(key, 4)
+        index = jax.random.randint(k_idx, (BATCH,), 0, geo.num_leaves)
+        # Nine decades either side of 1, and 10% zeros, so that small leaves sit next to
+        # huge ones: a delta-updated float32 tree drifts badly on exactly this.
+        value = jnp.exp(jax.random.uniform(k_mag, (BATCH,), minval=-20.0, maxval=20.0))
+        value = jnp.where(jax.random.uniform(k_zero, (BATCH,)) < 0.1, 0.0, value)
+        mins = jnp.where(value > 0, value, jnp.inf)
+        trees = sum_tree.update(trees, geo, index, (value, mins), jnp.ones(BATCH, bool),
+                                ("sum", "min"))
+        return trees, key
+
+    return jax.lax.fori_loop(0, STEPS, body, (trees, key))
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    geo = sum_tree.geometry(NUM_LEAVES)
+    trees = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf))
+    key = jax.random.key(0)
+    for _ in range(CALLS):
+        trees, key = _random_updates(geo, trees, key)
+    return geo, jax.device_get(trees)
+
+
+def test_million_updates_root_is_the_sum_of_the_leaves(drifted):
+    geo, (sums, mins) = drifted
+    leaves = levels(sums, geo)[-1].astype(np.float64)
+    assert (leaves == 0).sum() > 1000 and (leaves > 1e6).sum() > 1000  # the mix we meant
+    exact = leaves.sum()
+    rel = abs(float(sums[0]) - exact) / exact
+    print(f"root {float(sums[0])!r} vs float64 sum {exact!r}: relative error {rel:.2e}")
+    assert rel < 1e-6
+    assert_parents_are_children_reductions(sums, geo, "sum")
+    assert_parents_are_children_reductions(mins, geo, "min")
+    min_leaves = levels(mins, geo)[-1]
+    np.testing.assert_array_equal(min_leaves, np.where(leaves > 0, leaves, np.inf))
+    assert float(mins[0]) == leaves[leaves > 0].min()
+
+
+def test_zeroed_subtree_after_drift_is_exactly_zero_and_never_sampled(drifted):
+    geo, (sums, mins) = drifted
+    # Zero the whole first depth-1 family (16**3 leaves) and every odd leaf elsewhere.
+    block = geo.branching ** (len(geo.sizes) - 2)
+    zero = np.concatenate([np.arange(block), np.arange(block + 1, geo.num_leaves, 2)])
+    sums, mins = _update(
+        (jnp.asarray(sums), jnp.asarray(mins)), geo, jnp.asarray(zero),
+        (jnp.zeros(zero.size), jnp.full(zero.size, jnp.inf)), jnp.ones(zero.size, bool),
+        ("sum", "min"),
+    )
+    lv = levels(sums, geo)
+    assert lv[1][0] == 0.0  # exactly: recomputed from zeros, no residue of old deltas
+    assert_parents_are_children_reductions(sums, geo, "sum")
+    leaves = lv[-1]
+    targets = jax.random.uniform(jax.random.key(1), (200_000,)) * sums[0]
+    got = np.asarray(_sample(sums, geo, targets))
+    assert got.max() < geo.num_leaves
+    assert np.all(leaves[got] > 0), "a zero-priority leaf was sampled"
+
+
+# ------------------------------------------------------------------ zero leaves unreachable
+def adversarial_targets(values, total):
+    """Targets at every prefix-sum boundary and one float32 ulp either side, plus 0, the
+    total, and just past it (rounding may push a target there)."""
+    cum32 = np.cumsum(values.astype(np.float64)).astype(np.float32)
+    edges = np.concatenate([cum32, np.float32([0.0, total])])
+    t = np.concatenate([edges, np.nextafter(edges, np.float32(np.inf)),
+                        np.nextafter(edges, np.float32(0))])
+    return np.clip(t, 0, None).astype(np.float32)
+
+
+@pytest.mark.parametrize("pattern", ["mixed", "tiny_next_to_huge", "single", "tail"])
+def test_zero_priority_and_padding_never_sampled(pattern):
+    n = 5003  # 5003 = 16 * 312 + 11: 5 padding children in the last family
+    rng = np.random.default_rng(0)
+    values = np.zeros(n, np.float32)
+    if pattern == "mixed":
+        pos = rng.random(n) < 0.3
+        values[pos] = 10.0 ** rng.uniform(-30, 30, pos.sum())
+    elif pattern == "tiny_next_to_huge":
+        values[0::37] = 1e30
+        values[1::37] = 1e-30  # absorbed by the huge neighbours' sum
+        values[5::37] = 1.0
+    elif pattern == "single":
+        values[2345] = 1e-30
+    else:  # only the last (partial) family is positive; padding lies just after it
+        values[-3:] = [1e-20, 0.0, 3.0]
+    geo, (sums, _) = build(values)
+    total = np.float32(sums[0])
+    u = rng.random(100_000, dtype=np.float32)
+    targets = np.concatenate([u * total, adversarial_targets(values, total)])
+    got = np.asarray(_sample(sums, geo, jnp.asarray(targets)))
+    assert got.min() >= 0 and got.max() < n, "sampled a padding leaf"
+    bad = got[values[got] <= 0]
+    assert bad.size == 0, f"sampled zero-priority leaves {np.unique(bad)[:10]}"
+    if pattern == "single":
+        assert np.all(got == 2345)
+
+
+def test_sample_is_inverse_cdf():
+    values = np.float32([0.0, 1.0, 0.0, 2.0, 4.0] + [0.0] * 20 + [1.0])
+    geo, (sums, _) = build(values, branching=4)
+    targets = jnp.float32([0.0, 0.999, 1.0, 2.5, 3.0, 6.99, 7.0, 7.5, 8.0])
+    np.testing.assert_array_equal(_sample(sums, geo, targets),
+                                  [1, 1, 3, 3, 4, 4, 25, 25, 25])
+
+
+# ------------------------------------------------------------------------------- duplicates
+def test_duplicate_indices_last_occurrence_wins():
+    rng = np.random.default_rng(1)
+    n, b = 300, 2000
+    geo = sum_tree.geometry(n)
+    index = rng.integers(0, n // 3, b)  # heavy duplication
+    value = rng.random(b).astype(np.float32) + 0.5
+    mask = rng.random(b) < 0.7  # a masked-out later duplicate must not override
+    expected = np.zeros(n, np.float32)
+    for i, v, m in zip(index, value, mask):
+        if m:
+            expected[i] = v
+    for _ in range(3):  # deterministic: the same answer every time
+        (sums,) = _update((sum_tree.init(geo, 0.0),), geo, jnp.asarray(index),
+                         (jnp.asarray(value),), jnp.asarray(mask), ("sum",))
+        np.testing.assert_array_equal(sum_tree.leaves(sums, geo), expected)
+        assert_parents_are_children_reductions(sums, geo, "sum")
+    np.testing.assert_array_equal(
+        sum_tree.last_occurrence(jnp.array([3, 5, 3, 3, 5, 7])),
+        [False, False, False, True, True, True],
+    )
+
+
+def one_row_buffer():
+    """One row of 16 steps, items of 2 steps, alpha = 0.5 (the same shapes as the one-row
+    buffer of test_prioritised_sampling, so eager calls share compiled ops)."""
+    return fbx.make_prioritised_flat_buffer(max_length=16, min_length=1, sample_batch_size=4,
+                                            priority_exponent=0.5)
+
+
+def add_steps(buf, state, ts):
+    for t in ts:
+        state = buf.add(state, {"x": jnp.float32(t)})
+    return state
+
+
+def test_set_priorities_duplicates_last_wins():
+    buf = one_row_buffer()
+    state = add_steps(buf, buf.init({"x": jnp.zeros(())}), range(9))  # items start at 0..7
+    state = buf.set_priorities(state, jnp.array([3, 3, 5, 3, 5]),
+                               jnp.array([1.0, 7.0, 2.0, 4.0, 0.25]))
+    leaves = np.asarray(sum_tree.leaves(state.priority_state.sum_tree, buf.core.tree_geometry))
+    np.testing.assert_array_equal(leaves, [1, 1, 1, 2, 1, 0.5, 1, 1] + [0] * 8)
+    assert float(state.priority_state.max_priority) == 7.0  # 7 was set, then overwritten
+    assert float(state.priority_state.min_tree[0]) == 0.5
+
+
+# ------------------------------------------------------------------------ the min tree
+def test_min_tree_tracks_valid_items_through_overwrites():
+    buf = one_row_buffer()
+    geo = buf.core.tree_geometry
+    state = buf.init({"x": jnp.zeros(())})
+    assert float(state.priority_state.min_tree[0]) == np.inf  # empty: no valid item
+
+    def root_min():
+        return float(state.priority_state.min_tree[0])
+
+    state = add_steps(buf, state, range(2))  # item 0, at the initial max priority 1
+    state = buf.set_priorities(state, jnp.array([0]), jnp.array([0.25]))
+    assert root_min() == 0.5  # 0.25 ** 0.5
+    state = add_steps(buf, state, [2])  # item 1 enters at 1
+    assert root_min() == 0.5
+    state = buf.set_priorities(state, jnp.array([0]), jnp.array([0.0]))  # 0: leaves the min
+    assert root_min() == 1.0
+    state = buf.set_priorities(state, jnp.array([1]), jnp.array([4.0]))
+    assert root_min() == 2.0
+    state = add_steps(buf, state, range(3, 23))  # wrapped: items 0..6 overwritten
+    sums = np.asarray(sum_tree.leaves(state.priority_state.sum_tree, geo))
+    mins = np.asarray(sum_tree.leaves(state.priority_state.min_tree, geo))
+    np.testing.assert_array_equal(mins, np.where(sums > 0, sums, np.inf))
+    assert root_min() == sums[sums > 0].min() == 2.0  # all new, at max priority 4
+    assert_parents_are_children_reductions(state.priority_state.min_tree, geo, "min")
+
+
+# ------------------------------------------------------------ new items: max as a float
+def test_new_items_get_the_float_max_priority():
+    buf = one_row_buffer()
+    state = add_steps(buf, buf.init({"x": jnp.zeros(())}), range(3))  # items start at 0, 1
+    state = buf.set_priorities(state, jnp.array([0, 1]), jnp.array([2.5, 0.5]))
+    assert float(state.priority_state.max_priority) == 2.5  # Flashbax 0.1.3: 2 (int cast)
+    state = add_steps(buf, state, [3])  # the item starting at 2 is new
+    leaf = float(sum_tree.get(state.priority_state.sum_tree, buf.core.tree_geometry, 2))
+    want = np.float32(2.5) ** np.float32(0.5)
+    np.testing.assert_allclose(leaf, want, rtol=1e-6)
+    assert abs(leaf - np.float32(2.0) ** np.float32(0.5)) > 0.1
+    # ... and a sample of it reports that priority.
+    state = buf.set_priorities(state, jnp.array([0, 1]), jnp.array([0.0, 0.0]))
+    sample = buf.sample(state, jax.random.key(0))
+    np.testing.assert_array_equal(sample.indices, [2, 2, 2, 2])
+    np.testing.assert_allclose(sample.priorities, want, rtol=1e-6)
+    np.testing.assert_array_equal(sample.experience.first["x"], 2.0)
+
+
+# ---------------------------------------------------------------------- no O(N) work
+def _big_outputs(jaxpr, min_size):
+    """(primitive name, shape) of every equation, at any nesting depth, whose output has at
+    least `min_size` elements."""
+    out = []
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            shape = getattr(v.aval, "shape", ())
+            if int(np.prod(shape)) >= min_size:
+                out.append((eqn.primitive.name, tuple(shape)))
+        for sub in jaxprs_in_params(eqn.params):
+            out.extend(_big_outputs(sub, min_size))
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_buffer():
+    # 4 rows of 20_000 steps: 80_000 leaves, and a batch of 64 per update.
+    buf = fbx.make_prioritised_flat_buffer(max_length=80_000, min_length=1,
+                                           sample_batch_size=64, add_batch_size=4)
+    state = buf.init({"obs": jnp.zeros((3,), jnp.float32), "reward": jnp.zeros(())})
+    return buf, state
+
+
+def test_updates_do_no_work_of_the_size_of_the_tree(big_buffer):
+    buf, state = big_buffer
+    n = buf.core.num_items
+    idx = jnp.arange(64, dtype=jnp.int32)
+    p = jnp.ones(64)
+    batch = {"obs": jnp.zeros((4, 3)), "reward": jnp.zeros((4,))}
+    for name, fn, args in [
+        ("set_priorities", buf.set_priorities, (state, idx, p)),
+        ("add", buf.add, (state, batch)),
+    ]:
+        big = _big_outputs(jax.make_jaxpr(fn)(*args).jaxpr, n)
+        assert big, f"{name}: expected the in-place scatters"
+        # Only scatters (into the trees, and for add into the storage) touch arrays of the
+        # size of the tree: no cumsum, bincount, full reduction or copy of the tree.
+        assert {prim for prim, _ in big} == {"scatter"}, f"{name}: {big}"
+    # Sampling gathers [B, branching] children per level, never a whole level.
+    assert _big_outputs(jax.make_jaxpr(buf.sample)(state, jax.random.key(0)).jaxpr, n) == []
+
+
+def test_compiled_set_priorities_is_in_place(big_buffer):
+    buf, state = big_buffer
+    geo = buf.core.tree_geometry
+    compiled = jax.jit(buf.set_priorities, donate_argnums=0).lower(
+        state, jnp.arange(64, dtype=jnp.int32), jnp.ones(64)).compile()
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY") :]
+    tree_shape = f"f32[{geo.num_nodes}]"
+    instr = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* ([\w-]+)\(")
+    ops = [m[2] for m in map(instr.match, entry.splitlines()) if m and m[1] == tree_shape]
+    # Parameters in, scatters (possibly wrapped in a fusion whose root is a scatter) out.
+    assert ops and set(ops) <= {"parameter", "scatter", "fusion"}, ops
+    for line in entry.splitlines():
+        if tree_shape in line and " fusion(" in line:
+            called = line.split("calls=%")[1].split(",")[0]
+            body = text[text.index(f"%{called} ") :]
+            root = [ln for ln in body.splitlines() if "ROOT" in ln][0]
+            assert " scatter(" in root, root
+    assert " copy(" not in entry
