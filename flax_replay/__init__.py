@@ -7,9 +7,11 @@ Functional API (Flashbax-compatible: change the import):
     make_mixer
 Flax views of the same buffers: `flax_replay.linen.ReplayBuffer`, `flax_replay.nnx.ReplayBuffer`
 (Variable types `Replay`, `Priorities`).
+Sharded and multi-host buffers: `flax_replay.shard(buffer, mesh, axis="data")` (see
+`flax_replay.sharding`).
 """
 
-from flax_replay import linen, nnx
+from flax_replay import linen, nnx, sharding
 from flax_replay._src.buffers import (
     Buffer,
     ExperiencePair,
@@ -38,6 +40,7 @@ from flax_replay._src.factories import (
 from flax_replay._src.mixer import Mixer, make_mixer
 from flax_replay._src.nnx import Priorities, Replay
 from flax_replay._src.queue import TrajectoryQueue, TrajectoryQueueState
+from flax_replay._src.sharding import ShardedBuffer, shard
 from flax_replay._src.state import from_collections, to_collections
 from flax_replay._src.train_state import TrainState
 
@@ -60,4 +63,5 @@ __all__ = [
     "make_prioritised_flat_buffer", "make_prioritised_trajectory_buffer",
     "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
     "make_mixer", "TrainState", "to_collections", "from_collections", "linen", "nnx",
+    "ShardedBuffer", "shard", "sharding",
 ]

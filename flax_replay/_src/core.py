@@ -299,41 +299,53 @@ class TrajectoryCore:
         """
         b = self.sample_batch_size if batch_size is None else batch_size
         self._check_can_sample(state)
-        t, l, p = self.max_length_time_axis, self.sample_sequence_length, self.period
-        written = self._written(state)
-        if self.prioritised:
-            ps = state.priority_state
-            geo = self.tree_geometry
-            total = sum_tree.total(ps.sum_tree)
-            u = jax.random.uniform(rng_key, (b,), jnp.float32)
-            if self.sampling == "stratified":
-                u = (jnp.arange(b, dtype=jnp.float32) + u) / b
-            leaf = sum_tree.sample(ps.sum_tree, geo, u * total)
-            row = leaf // self.slots_per_row
-            slot = leaf % self.slots_per_row
-            start = slot * p
-        else:
-            lo, n = self.valid_window(written)
-            key_item, key_row = jax.random.split(rng_key)
-            k = jax.random.randint(key_item, (b,), 0, jnp.maximum(n, 1))
-            row = jax.random.randint(key_row, (b,), 0, self.add_batch_size)
-            start = (lo + k * p) % t
-        time = (start[:, None] + jnp.arange(l)) % t
-        experience = jax.tree.map(lambda x: x[row[:, None], time], state.experience)
         if not self.prioritised:
-            return Sample(experience=experience)
-        priorities = sum_tree.get(ps.sum_tree, geo, leaf)
+            row, start = self.uniform_items(state, rng_key, b)
+            return Sample(experience=self.gather(state.experience, row, start))
+        ps = state.priority_state
+        total = sum_tree.total(ps.sum_tree)
+        leaf = sum_tree.sample(ps.sum_tree, self.tree_geometry, self.targets(rng_key, b) * total)
+        return self.prioritised_sample(state, leaf, total)
+
+    # The pieces of `sample`, also used per shard by the sharded buffer (`sharding.py`).
+    def targets(self, rng_key: Array, b: int) -> Array:
+        """`[b]` points in [0, 1) at which the priorities' CDF is inverted: one per equal
+        stratum ("stratified") or i.i.d. ("independent")."""
+        u = jax.random.uniform(rng_key, (b,), jnp.float32)
+        if self.sampling == "stratified":
+            u = (jnp.arange(b, dtype=jnp.float32) + u) / b
+        return u
+
+    def uniform_items(self, state, rng_key: Array, b: int) -> tuple[Array, Array]:
+        """`(row, start)`, both `[b]`: valid items drawn uniformly; `start` is a time index."""
+        lo, n = self.valid_window(self._written(state))
+        key_item, key_row = jax.random.split(rng_key)
+        k = jax.random.randint(key_item, (b,), 0, jnp.maximum(n, 1))
+        row = jax.random.randint(key_row, (b,), 0, self.add_batch_size)
+        return row, (lo + k * self.period) % self.max_length_time_axis
+
+    def gather(self, experience: PyTree, row: Array, start: Array) -> PyTree:
+        """Sequences `[b, L, *item_shape]` of rows `row` `[b]` from time indices `start` `[b]`."""
+        t = self.max_length_time_axis
+        time = (start[:, None] + jnp.arange(self.sample_sequence_length)) % t
+        return jax.tree.map(lambda x: x[row[:, None], time], experience)
+
+    def prioritised_sample(self, state, leaf: Array, total: Array) -> PrioritisedSample:
+        """The sample of the items at sum-tree leaves `leaf` `[b]`, drawn with probability
+        `leaf value / total`."""
+        row, slot = leaf // self.slots_per_row, leaf % self.slots_per_row
+        priorities = sum_tree.get(state.priority_state.sum_tree, self.tree_geometry, leaf)
         return PrioritisedSample(
-            experience=experience,
+            experience=self.gather(state.experience, row, slot * self.period),
             indices=leaf.astype(jnp.int32),
             priorities=priorities,
             probabilities=priorities / total,
-            versions=self._slot_start(slot, written).astype(jnp.int32),
+            versions=self._slot_start(slot, self._written(state)).astype(jnp.int32),
         )
 
     # ------------------------------------------------------------------------ set_priorities
     def set_priorities(self, state, indices: Array, priorities: Array,
-                       versions: Optional[Array] = None):
+                       versions: Optional[Array] = None, mask: Optional[Array] = None):
         """Sets raw priorities `[B]` (>= 0, finite) of the items at leaf `indices` `[B]`.
 
         The last occurrence of a duplicated index wins. Updates are ignored (never applied)
@@ -341,7 +353,8 @@ class TrajectoryCore:
         given and `ignore_stale_priorities` is on, for slots rewritten since the sample.
         Out-of-range indices and negative / NaN / infinite priorities raise ValueError in an
         eager call; under `jit` they are `checkify` checks and the entries are ignored, so
-        the tree is never corrupted.
+        the tree is never corrupted. Entries where `mask` `[B]` is False are skipped, neither
+        checked nor applied (a shard of a sharded buffer skips the other shards' items).
         """
         indices = jnp.asarray(indices)
         priorities = jnp.asarray(priorities)
@@ -362,14 +375,15 @@ class TrajectoryCore:
                     f"{indices.shape}"
                 )
         priorities = priorities.astype(jnp.float32)
+        active = jnp.ones(indices.shape, bool) if mask is None else jnp.asarray(mask, bool)
         in_range = (indices >= 0) & (indices < self.num_items)
         good_value = jnp.isfinite(priorities) & (priorities >= 0)
         checks.value_check(
-            in_range, "set_priorities: indices must lie in [0, " + str(self.num_items)
+            in_range | ~active, "set_priorities: indices must lie in [0, " + str(self.num_items)
             + "), got {indices}", indices=indices,
         )
         checks.value_check(
-            good_value,
+            good_value | ~active,
             "set_priorities: priorities must be finite and >= 0, got {priorities}",
             priorities=priorities,
         )
@@ -379,7 +393,7 @@ class TrajectoryCore:
         s_now = self._slot_start(slot, written)
         lo, n = self.valid_window(written)
         valid_item = (s_now >= lo) & (s_now < lo + n * self.period) & (s_now >= 0)
-        keep = in_range & good_value & valid_item
+        keep = active & in_range & good_value & valid_item
         if versions is not None and self.ignore_stale_priorities:
             keep = keep & (versions == s_now)
         ps = state.priority_state
@@ -400,10 +414,17 @@ class TrajectoryCore:
                            normalise: str = "buffer") -> Array:
         """`[B]` weights `(N * P(i)) ** -beta`, divided by the largest weight of any item in the
         buffer (`normalise="buffer"`, from the min tree) or of the batch (`"batch"`)."""
-        w = sample.priorities ** -beta
+        min_leaf = sum_tree.total(state.priority_state.min_tree)
+        return self.weights(sample.priorities, min_leaf, beta, normalise)
+
+    @staticmethod
+    def weights(p: Array, p_min: Array, beta: float | Array, normalise: str = "buffer") -> Array:
+        """`(p / p_min) ** -beta` (`"buffer"`) or `p ** -beta / max(p ** -beta)` (`"batch"`) for
+        `p` `[B]` proportional to the sampled items' probabilities and `p_min` the smallest
+        positive one in the buffer, in the same units (leaf values, or probabilities)."""
+        w = p ** -beta
         if normalise == "buffer":
-            min_leaf = sum_tree.total(state.priority_state.min_tree)
-            return w * min_leaf ** beta
+            return w * p_min ** beta
         if normalise == "batch":
             return w / jnp.max(w)
         raise ValueError(f"normalise must be 'buffer' or 'batch', got {normalise!r}")
