@@ -103,7 +103,9 @@ def test_donated_set_priorities_aliases_the_storage_and_does_not_copy_it():
     for i in range(n_exp):  # output leaf i (experience) reuses input parameter i
         assert f"{{{i}}}: ({i}, {{}}, may-alias)" in header, header[:600]
     entry = text[text.index("\nENTRY") :]
-    assert " copy(" not in entry and " copy-start(" not in entry
+    # No copies, but of scalars (the counter of a loop over the written entries).
+    copies = [ln for ln in entry.splitlines() if " copy(" in ln or " copy-start(" in ln]
+    assert all(re.search(r"= \w+\[\]", ln) for ln in copies), copies
     exp_shapes = [f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(state.experience)]
     for line in entry.splitlines()[1:]:  # the storage is only read as a parameter, never made
         if any(f"= {shape}" in line for shape in exp_shapes):

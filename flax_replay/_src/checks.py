@@ -3,8 +3,8 @@
 Checks on shapes, dtypes and tree structure are static, so they run at trace time and raise
 `ValueError` before anything is written. Checks on *values* (can we sample, is a priority
 finite) raise `ValueError` when the inputs are concrete (eager calls) and become
-`checkify.debug_check`s under a transformation: free under plain `jax.jit`, and raised by
-`checkify.checkify(f, errors=checkify.user_checks)`.
+`checkify.debug_check`s under a transformation: free under plain `jax.jit` (see
+`_make_silent_check`), and raised by `checkify.checkify(f, errors=checkify.user_checks)`.
 """
 
 from __future__ import annotations
@@ -98,8 +98,59 @@ def value_check(pred: jax.Array, message: str, **fmt: Any) -> None:
     if is_concrete(pred, fmt):
         if not bool(np.all(np.asarray(pred))):
             raise ValueError(message.format(**{k: np.asarray(v) for k, v in fmt.items()}))
+    elif _silent_check_p is not None:
+        _silent_debug_check(jnp.all(pred), message, **fmt)
     else:
         checkify.debug_check(jnp.all(pred), message, **fmt)
+
+
+# `checkify.debug_check` gives the jaxpr an error *effect* even when no checkify transform is
+# applied, and JAX dispatches a jitted function with effects through its Python path: every
+# call of a plain `jax.jit(buffer.sample)` then costs tens to hundreds of microseconds more
+# (the sample itself costs a few). This primitive is the same check without the effect: plain
+# jit drops it (dead code, no effect) and keeps the fast C++ dispatch, and `checkify`
+# discharges it exactly like `debug_check` (same error type, message and payload). It uses
+# JAX internals (jax._src.checkify); if they move, `value_check` falls back to `debug_check`.
+def _make_silent_check():
+    try:
+        from jax._src import checkify as ck
+        from jax._src import core
+        from jax._src.interpreters import ad, batching, mlir
+
+        prim = core.Primitive("flax_replay_debug_check")
+        prim.multiple_results = True  # zero results
+        prim.def_impl(lambda *args, err_tree, debug: [])
+        prim.def_abstract_eval(lambda *args, err_tree, debug: [])
+        mlir.register_lowering(prim, lambda ctx, *args, err_tree, debug: [])
+
+        def batch(args, dims, *, err_tree, debug):
+            size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+            args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
+            error = ck._reduce_any_error(jax.tree_util.tree_unflatten(err_tree, args))
+            flat, tree = jax.tree_util.tree_flatten(error)
+            prim.bind(*flat, err_tree=tree, debug=debug)
+            return [], []
+
+        def jvp(primals, tangents, *, err_tree, debug):
+            prim.bind(*primals, err_tree=err_tree, debug=debug)
+            return [], []
+
+        batching.primitive_batchers[prim] = batch
+        ad.primitive_jvps[prim] = jvp
+        ck.error_checks[prim] = ck.check_discharge_rule
+
+        def check(pred, message, **fmt):
+            error = ck.FailedCheckError(ck.get_traceback(), message, **fmt)
+            error = ck.assert_func(ck.init_error, jnp.logical_not(pred), error)
+            flat, tree = jax.tree_util.tree_flatten(error)
+            prim.bind(*flat, err_tree=tree, debug=True)
+
+        return prim, check
+    except Exception:  # noqa: BLE001 - any change of the internals: use the public API
+        return None, None
+
+
+_silent_check_p, _silent_debug_check = _make_silent_check()
 
 
 def positive_int(name: str, value: Any, minimum: int = 1) -> int:

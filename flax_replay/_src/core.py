@@ -263,11 +263,8 @@ class TrajectoryCore:
         mask = jnp.concatenate([mask_out, mask_in])
         sums = jnp.concatenate([jnp.zeros_like(leaf_out, jnp.float32),
                                 jnp.full(leaf_in.shape, new_leaf, jnp.float32)])
-        mins = jnp.where(jnp.arange(index.shape[0]) < leaf_out.shape[0], jnp.inf, sums)
-        sum_t, min_t = sum_tree.update(
-            (ps.sum_tree, ps.min_tree), self.tree_geometry, index, (sums, mins), mask,
-            ("sum", "min"),
-        )
+        sum_t, min_t = sum_tree.update_sum_min(
+            ps.sum_tree, ps.min_tree, self.tree_geometry, index, sums, mask)
         return ps.replace(sum_tree=sum_t, min_tree=min_t)
 
     # ------------------------------------------------------------------------------- sample
@@ -304,8 +301,9 @@ class TrajectoryCore:
             return Sample(experience=self.gather(state.experience, row, start))
         ps = state.priority_state
         total = sum_tree.total(ps.sum_tree)
-        leaf = sum_tree.sample(ps.sum_tree, self.tree_geometry, self.targets(rng_key, b) * total)
-        return self.prioritised_sample(state, leaf, total)
+        leaf, priorities = sum_tree.sample_with_values(
+            ps.sum_tree, self.tree_geometry, self.targets(rng_key, b) * total)
+        return self.prioritised_sample(state, leaf, total, priorities)
 
     # The pieces of `sample`, also used per shard by the sharded buffer (`sharding.py`).
     def targets(self, rng_key: Array, b: int) -> Array:
@@ -330,11 +328,13 @@ class TrajectoryCore:
         time = (start[:, None] + jnp.arange(self.sample_sequence_length)) % t
         return jax.tree.map(lambda x: x[row[:, None], time], experience)
 
-    def prioritised_sample(self, state, leaf: Array, total: Array) -> PrioritisedSample:
+    def prioritised_sample(self, state, leaf: Array, total: Array,
+                           priorities: Optional[Array] = None) -> PrioritisedSample:
         """The sample of the items at sum-tree leaves `leaf` `[b]`, drawn with probability
-        `leaf value / total`."""
+        `leaf value / total`; `priorities` `[b]`, the leaf values if already read."""
         row, slot = leaf // self.slots_per_row, leaf % self.slots_per_row
-        priorities = sum_tree.get(state.priority_state.sum_tree, self.tree_geometry, leaf)
+        if priorities is None:
+            priorities = sum_tree.get(state.priority_state.sum_tree, self.tree_geometry, leaf)
         return PrioritisedSample(
             experience=self.gather(state.experience, row, slot * self.period),
             indices=leaf.astype(jnp.int32),
@@ -398,11 +398,8 @@ class TrajectoryCore:
             keep = keep & (versions == s_now)
         ps = state.priority_state
         leaf = jnp.where(keep, priorities, 0.0) ** self.priority_exponent
-        min_leaf = jnp.where(leaf > 0, leaf, jnp.inf)
-        sum_t, min_t = sum_tree.update(
-            (ps.sum_tree, ps.min_tree), self.tree_geometry, safe, (leaf, min_leaf), keep,
-            ("sum", "min"),
-        )
+        sum_t, min_t = sum_tree.update_sum_min(
+            ps.sum_tree, ps.min_tree, self.tree_geometry, safe, leaf, keep)
         # initial=0: an empty update (e.g. a mixer part of size 0) is a no-op, not an error.
         max_p = jnp.maximum(ps.max_priority,
                             jnp.max(jnp.where(keep, priorities, 0.0), initial=0.0))

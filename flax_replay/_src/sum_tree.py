@@ -1,22 +1,29 @@
 """An exact, wide sum tree (with a min tree beside it) over a fixed number of leaves.
 
 Layout: one flat float32 array per tree holding every level, root first. A node has
-`branching` children (16 by default: 64 bytes, one cache line), so a tree of 10^6 leaves has
-5 levels below the root instead of 20; a level has `ceil(size_below / branching)` nodes, and
-missing children read as the reduction's identity (0 for sums, +inf for mins).
+`branching` children, stored contiguously, so the children of a node are one row read; a
+level has `ceil(size_below / branching)` nodes, and missing children read as the reduction's
+identity (0 for sums, +inf for mins). The default branching, 4 (10 levels below the root for
+10^6 leaves instead of 20), was the fastest of 4, 8, 16 and 32 on CPU for both sampling and
+updates: the work per level grows linearly with the branching, the depth only shrinks
+logarithmically, and a row of 4 floats never spans more than two cache lines
+(benchmarks/README.md).
 
 Exactness: after leaves are written, every ancestor is *recomputed from its children*, level by
 level, never adjusted by a delta. The stored parents are therefore always the float32 sums
 of their stored children, whatever the history, and a zero leaf can never be reached (the
 descent only enters children with a positive value).
 
-Batched writes cost O(B * branching * depth) gathers and scatters: no O(N) work and no
-serial loop over the batch. Duplicate leaf indices in one write: the last occurrence wins,
-on every backend (the others are dropped before the scatter).
+Batched writes cost O(B * branching * depth) row reads and scatters, and the few levels
+near the root that have fewer nodes than a batch reads are recomputed whole (contiguous
+reductions); no O(N) work. Duplicate leaf indices in one write: the last occurrence wins, on
+every backend (the others are dropped before the scatter). On CPU, writes of a few entries
+(an `add`) run as a scalar loop over the entries instead (`update_sum_min`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -24,7 +31,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-DEFAULT_BRANCHING = 16
+DEFAULT_BRANCHING = 4
 
 
 class Geometry(NamedTuple):
@@ -86,6 +93,93 @@ def last_occurrence(index: jax.Array) -> jax.Array:
     return jnp.zeros_like(is_last_sorted).at[order].set(is_last_sorted)
 
 
+def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
+            identity: float) -> tuple[jax.Array, jax.Array | None]:
+    """`(rows, shift)`: `rows` `[B, k]` holds the children (at depth d) of the nodes `parent`
+    `[B]` (at depth d - 1), each row one contiguous slice of the flat array (a row gather, not
+    k element gathers).
+
+    A partial last family would run past the end of its level: its slice is moved back by
+    `shift` `[B]` (0 for every full family) and the `shift` leading entries, which belong to
+    the previous family, read as `identity`; child `c` of a node is then `rows[:, c + shift]`.
+    `shift` is None when the level has no partial family.
+
+    Inner levels are read through a static slice of their level, so that XLA costs the read
+    as one level, not as the whole array (on CPU it otherwise splits every such read across
+    threads, a hand-off that costs more than the read). The leaf level is read from the whole
+    array: it ends there, so the clamping of the slice is the same.
+    """
+    k = geo.branching
+    size, off = geo.sizes[d], geo.offsets[d]
+    if size < k:  # a single family (its parent is the root or a lone node): pad it
+        level = jnp.concatenate([tree[off : off + size],
+                                 jnp.full((k - size,), identity, tree.dtype)])
+        return jnp.broadcast_to(level, (parent.shape[0], k)), None
+    base, level = (off, tree) if d == len(geo.sizes) - 1 else (0, tree[off : off + size])
+    first = parent * k
+    start = jnp.minimum(first, size - k)
+    rows = jax.vmap(lambda s: jax.lax.dynamic_slice(level, (base + s,), (k,)))(start)
+    if size % k == 0:
+        return rows, None
+    shift = first - start
+    return jnp.where(jnp.arange(k) >= shift[:, None], rows, identity), shift
+
+
+def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
+    return jnp.sum(rows, axis=1) if reducer == "sum" else jnp.min(rows, axis=1)
+
+
+def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Array:
+    """Recomputes every level above depth d from level d: contiguous reductions of small
+    arrays, and one in-place write of the levels 0..d-1 (they are the first nodes of the flat
+    array). Cheaper than per-entry gathers once a level has fewer nodes than a batch reads."""
+    k = geo.branching
+    identity = 0.0 if reducer == "sum" else jnp.inf
+    level = tree[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
+    above = []
+    for e in range(d, 0, -1):
+        pad = geo.sizes[e - 1] * k - geo.sizes[e]
+        if pad:
+            level = jnp.concatenate([level, jnp.full((pad,), identity, tree.dtype)])
+        level = _reduce(level.reshape(geo.sizes[e - 1], k), reducer)
+        above.append(level)
+    top = jnp.concatenate(above[::-1]) if len(above) > 1 else above[0]
+    return jax.lax.dynamic_update_slice(tree, top, (0,))
+
+
+# A level whose children number at most DENSE_FACTOR * B * branching (for a batch of B
+# writes) is recomputed whole; below it parents are recomputed per written entry.
+DENSE_FACTOR = 4
+
+
+def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
+    """Recomputes, from their children, the ancestors of leaves `node` `[B]` where `keep`.
+
+    `leaf_rows`, if given, are the (already final) children rows of the leaves' parents, one
+    per tree, so the leaf level need not be read again.
+    """
+    k = geo.branching
+    depth = len(geo.sizes) - 1
+    dense = max([d for d in range(1, depth + 1)
+                 if geo.sizes[d] <= DENSE_FACTOR * node.shape[0] * k], default=0)
+    out_of_range = geo.num_nodes  # scatters to this position are dropped
+    for d in range(depth, dense, -1):
+        parent = jnp.where(keep, node // k, 0)
+        dst = jnp.where(keep, geo.offsets[d - 1] + parent, out_of_range)
+        new_trees = []
+        for i, (t, r) in enumerate(zip(trees, reducers)):
+            if d == depth and leaf_rows is not None:
+                rows = leaf_rows[i]
+            else:
+                rows, _ = _family(t, geo, d, parent, 0.0 if r == "sum" else jnp.inf)
+            new_trees.append(t.at[dst].set(_reduce(rows, r), mode="drop"))
+        trees = tuple(new_trees)
+        node = parent
+    if dense:
+        trees = tuple(_dense_top(t, geo, dense, r) for t, r in zip(trees, reducers))
+    return trees
+
+
 def update(
     trees: tuple[jax.Array, ...],
     geo: Geometry,
@@ -105,67 +199,162 @@ def update(
     Returns the updated trees. Under donation every write is in place.
     """
     index = index.astype(jnp.int32)
-    keep = mask & last_occurrence(jnp.where(mask, index, -1)) & (index >= 0)
-    keep = keep & (index < geo.num_leaves)
-    k = geo.branching
-    out_of_range = geo.num_nodes  # scatters to this position are dropped
+    if index.shape[0] == 0:
+        return tuple(trees)
+    ok = mask & (index >= 0) & (index < geo.num_leaves)
+    leaf = jnp.where(ok, geo.offsets[-1] + index, geo.num_nodes)
+    # The last occurrence wins: mark each written leaf with the largest batch position that
+    # writes it (a constant write, then a max: the same result in any order, on every
+    # backend), read the marks back, then write the winners' values over them.
+    pos = jnp.arange(index.shape[0], dtype=jnp.float32)
+    first = trees[0].at[leaf].set(-1.0, mode="drop").at[leaf].max(pos, mode="drop")
+    keep = ok & (first.at[leaf].get(mode="fill", fill_value=-1.0) == pos)
+    leaf = jnp.where(keep, leaf, geo.num_nodes)
+    trees = (first,) + tuple(trees[1:])
+    trees = tuple(t.at[leaf].set(v.astype(t.dtype), mode="drop") for t, v in zip(trees, values))
+    return _recompute_parents(trees, geo, index, keep, reducers)
+
+
+def update_sum_min(
+    sums: jax.Array, mins: jax.Array, geo: Geometry, index: jax.Array, values: jax.Array,
+    mask: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """`update((sums, mins), geo, index, (values, where(values > 0, values, inf)), mask,
+    ("sum", "min"))` for values >= 0 (priorities), fused: the leaf level is read once.
+
+    The sum tree's leaves are first marked with `-1 - position` by a min (any order gives
+    the same marks), and the rows of siblings that the parents need are read once: they show
+    which entry won each leaf (the last occurrence), and, with each mark replaced by its
+    winner's value, they are the final children of both trees (a min-tree leaf is its sum
+    leaf, or inf where that is 0).
+    """
+    index = index.astype(jnp.int32)
+    values = values.astype(jnp.float32)
+    b, k = index.shape[0], geo.branching
+    if b == 0:
+        return sums, mins
+    if b <= SERIAL_MAX_BATCH:
+        # A few entries (an `add`): on CPU a scalar loop over the entries beats the batched
+        # form, whose dozens of small kernels cost more to launch than to run. Same result.
+        return jax.lax.platform_dependent(
+            sums, mins, index, values, mask,
+            cpu=functools.partial(_update_sum_min_serial, geo=geo),
+            default=functools.partial(_update_sum_min_batched, geo=geo))
+    return _update_sum_min_batched(sums, mins, index, values, mask, geo=geo)
+
+
+# Batches of at most this many entries are written one entry at a time on CPU.
+SERIAL_MAX_BATCH = 32
+
+
+def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
+    """`update_sum_min` one entry at a time, in order (so the last duplicate wins): write the
+    leaf, then recompute each ancestor from its children. In-place single-element writes
+    (dynamic_update_slice) and row reads (dynamic_slice) in a loop over levels."""
+    k, n = geo.branching, geo.num_nodes
     depth = len(geo.sizes) - 1
-    node = index
-    trees = tuple(
-        t.at[jnp.where(keep, geo.offsets[depth] + node, out_of_range)].set(
-            v.astype(t.dtype), mode="drop"
-        )
-        for t, v in zip(trees, values)
-    )
-    for d in range(depth, 0, -1):
-        parent = jnp.where(keep, node // k, 0)
-        children = parent[:, None] * k + jnp.arange(k)  # [B, k] indices at depth d
-        present = children < geo.sizes[d]
-        flat_children = geo.offsets[d] + jnp.minimum(children, geo.sizes[d] - 1)
-        new_trees = []
-        for t, r in zip(trees, reducers):
-            vals = t[flat_children]
-            if r == "sum":
-                new = jnp.sum(jnp.where(present, vals, 0.0), axis=-1)
-            else:
-                new = jnp.min(jnp.where(present, vals, jnp.inf), axis=-1)
-            new_trees.append(
-                t.at[jnp.where(keep, geo.offsets[d - 1] + parent, out_of_range)].set(
-                    new, mode="drop"
-                )
-            )
-        trees = tuple(new_trees)
-        node = parent
-    return trees
+    ok = mask & (index >= 0) & (index < geo.num_leaves)
+    offsets = jnp.asarray(geo.offsets, jnp.int32)
+    level_end = offsets + jnp.asarray(geo.sizes, jnp.int32)
+    j = jnp.arange(k, dtype=jnp.int32)
+
+    def put(tree, at, value):
+        return jax.lax.dynamic_update_slice(tree, value[None], (at,))
+
+    def family(tree, d, parent, identity):
+        first = offsets[d] + parent * k
+        start = jnp.minimum(first, n - k)  # the slice stays inside the array
+        pos = start + j
+        row = jax.lax.dynamic_slice(tree, (start,), (k,))
+        return jnp.where((pos >= first) & (pos < level_end[d]), row, identity)
+
+    def ancestors(it, carry):
+        s, m, node = carry
+        d = depth - it
+        parent = node // k
+        at = offsets[d - 1] + parent
+        s = put(s, at, jnp.sum(family(s, d, parent, 0.0)))
+        m = put(m, at, jnp.min(family(m, d, parent, jnp.inf)))
+        return s, m, parent
+
+    def entry(i, trees):
+        def write(trees):
+            s, m = trees
+            v = values[i]
+            leaf = geo.offsets[-1] + index[i]
+            s = put(s, leaf, v)
+            m = put(m, leaf, jnp.where(v > 0, v, jnp.inf))
+            s, m, _ = jax.lax.fori_loop(0, depth, ancestors, (s, m, index[i]))
+            return s, m
+        return jax.lax.cond(ok[i], write, lambda trees: trees, trees)
+
+    return jax.lax.fori_loop(0, index.shape[0], entry, (sums, mins))
+
+
+def _update_sum_min_batched(sums, mins, index, values, mask, *, geo):
+    b, k = index.shape[0], geo.branching
+    depth = len(geo.sizes) - 1
+    ok = mask & (index >= 0) & (index < geo.num_leaves)
+    leaf = jnp.where(ok, geo.offsets[-1] + index, geo.num_nodes)
+    mark = -1.0 - jnp.arange(b, dtype=jnp.float32)  # below every leaf value
+    sums = sums.at[leaf].min(mark, mode="drop")
+    parent = jnp.where(ok, index // k, 0)
+    rows, shift = _family(sums, geo, depth, parent, 0.0)
+    column = index - parent * k + (0 if shift is None else shift)
+    j = jnp.arange(k)
+    keep = ok & (jnp.sum(jnp.where(j == column[:, None], rows, 0.0), axis=1) == mark)
+    winner = jnp.clip((-1.0 - rows).astype(jnp.int32), 0, b - 1)
+    rows = jnp.where(rows < 0, values[winner], rows)
+    min_rows = jnp.where(rows > 0, rows, jnp.inf)
+    if shift is not None:
+        min_rows = jnp.where(j >= shift[:, None], min_rows, jnp.inf)
+    leaf = jnp.where(keep, leaf, geo.num_nodes)
+    sums = sums.at[leaf].set(values, mode="drop")
+    mins = mins.at[leaf].set(jnp.where(values > 0, values, jnp.inf), mode="drop")
+    return _recompute_parents((sums, mins), geo, index, keep, ("sum", "min"),
+                              (rows, min_rows))
+
+
+def sample_with_values(tree: jax.Array, geo: Geometry,
+                       targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(leaf, value)`, both `[B]`: the leaves of `sample` and their (exact) stored values."""
+    k = geo.branching
+    depth = len(geo.sizes) - 1
+    node = jnp.zeros(targets.shape, jnp.int32)
+    target = targets.astype(jnp.float32)
+    j = jnp.arange(k)
+    for d in range(1, depth + 1):
+        rows, shift = _family(tree, geo, d, node, 0.0)
+        cols = [rows[:, 0]]  # running sums, unrolled: cheaper than a cumsum for small k
+        for c in range(1, k):
+            cols.append(cols[-1] + rows[:, c])
+        cum = jnp.stack(cols, axis=1)
+        # Children to skip: those whose running sum is <= the target, but never the last
+        # positive child (a target past the total, from rounding, ends there). The child
+        # entered is then positive: its running sum rises above the previous one.
+        skip = (cum <= target[:, None]) & (cum < cum[:, -1:])
+        child = jnp.sum(skip, axis=1, dtype=jnp.int32)
+        if d < depth:
+            before = jnp.max(jnp.where(skip, cum, 0.0), axis=1)
+            through = jnp.min(jnp.where(skip, jnp.inf, cum), axis=1)
+            target = jnp.clip(target - before, 0.0, through - before)
+        else:
+            value = jnp.sum(jnp.where(j == child[:, None], rows, 0.0), axis=1)
+        if shift is not None:
+            child = child - shift
+        node = node * k + child
+    return node, value
 
 
 def sample(tree: jax.Array, geo: Geometry, targets: jax.Array) -> jax.Array:
     """Leaf indices `[B]` for `targets` `[B]` in `[0, total)` (inverse-CDF descent).
 
     At each level the descent enters the first child whose running sum exceeds the target
-    among children with a positive value; if rounding leaves the target past the last
-    positive child, it enters that child. So a zero-valued leaf is never returned while the
-    root is positive.
+    (necessarily a positive child); if rounding leaves the target past the last positive
+    child, it enters that child. So a zero-valued leaf is never returned while the root is
+    positive.
     """
-    k = geo.branching
-    node = jnp.zeros(targets.shape, jnp.int32)
-    target = targets.astype(jnp.float32)
-    for d in range(1, len(geo.sizes)):
-        children = node[:, None] * k + jnp.arange(k)
-        present = children < geo.sizes[d]
-        vals = tree[geo.offsets[d] + jnp.minimum(children, geo.sizes[d] - 1)]
-        vals = jnp.where(present, vals, 0.0)
-        cum = jnp.cumsum(vals, axis=-1)
-        positive = vals > 0
-        candidate = (cum > target[:, None]) & positive
-        first = jnp.argmax(candidate, axis=-1)
-        last_positive = k - 1 - jnp.argmax(positive[:, ::-1], axis=-1)
-        child = jnp.where(candidate.any(axis=-1), first, last_positive)
-        chosen = jnp.take_along_axis(vals, child[:, None], axis=-1)[:, 0]
-        before = jnp.take_along_axis(cum, child[:, None], axis=-1)[:, 0] - chosen
-        target = jnp.clip(target - before, 0.0, chosen)
-        node = node * k + child.astype(jnp.int32)
-    return node
+    return sample_with_values(tree, geo, targets)[0]
 
 
 def total(tree: jax.Array) -> jax.Array:
