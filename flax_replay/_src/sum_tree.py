@@ -104,10 +104,10 @@ def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
     the previous family, read as `identity`; child `c` of a node is then `rows[:, c + shift]`.
     `shift` is None when the level has no partial family.
 
-    Inner levels are read through a static slice of their level, so that XLA costs the read
+    Small levels are read through a static slice of their level, so that XLA costs the read
     as one level, not as the whole array (on CPU it otherwise splits every such read across
-    threads, a hand-off that costs more than the read). The leaf level is read from the whole
-    array: it ends there, so the clamping of the slice is the same.
+    threads, a hand-off that costs more than the read); large levels, on CPU, by a loop of
+    single-row reads (`LOOP_LEVEL_SIZE`).
     """
     k = geo.branching
     size, off = geo.sizes[d], geo.offsets[d]
@@ -115,14 +115,38 @@ def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
         level = jnp.concatenate([tree[off : off + size],
                                  jnp.full((k - size,), identity, tree.dtype)])
         return jnp.broadcast_to(level, (parent.shape[0], k)), None
-    base, level = (off, tree) if d == len(geo.sizes) - 1 else (0, tree[off : off + size])
     first = parent * k
     start = jnp.minimum(first, size - k)
-    rows = jax.vmap(lambda s: jax.lax.dynamic_slice(level, (base + s,), (k,)))(start)
+    if size >= LOOP_LEVEL_SIZE:
+        rows = jax.lax.platform_dependent(
+            tree, start, cpu=functools.partial(_rows_loop, offset=off, k=k),
+            default=functools.partial(_rows_gather, offset=off, k=k))
+    else:
+        rows = _rows_gather(tree[off : off + size], start, offset=0, k=k)
     if size % k == 0:
         return rows, None
     shift = first - start
     return jnp.where(jnp.arange(k) >= shift[:, None], rows, identity), shift
+
+
+# On CPU, rows of a level of at least this many nodes are read by a loop of slices: XLA's CPU
+# cost model splits a batched read of a level over 256 KB across threads, and the hand-off
+# costs more than the read (tens of microseconds on a busy machine).
+LOOP_LEVEL_SIZE = 1 << 16
+
+
+def _rows_gather(tree: jax.Array, start: jax.Array, *, offset: int, k: int) -> jax.Array:
+    """`[B, k]`: `tree[offset + start[b] : ... + k]` for each b, one batched row read."""
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (offset + s,), (k,)))(start)
+
+
+def _rows_loop(tree: jax.Array, start: jax.Array, *, offset: int, k: int) -> jax.Array:
+    """`_rows_gather` as a loop of single-row reads (each costed as k elements)."""
+    def body(i, rows):
+        row = jax.lax.dynamic_slice(tree, (offset + start[i],), (k,))
+        return jax.lax.dynamic_update_slice(rows, row[None], (i, 0))
+    return jax.lax.fori_loop(0, start.shape[0], body,
+                             jnp.zeros((start.shape[0], k), tree.dtype))
 
 
 def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
