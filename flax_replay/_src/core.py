@@ -126,7 +126,8 @@ def _take(x: Array, row: Array, time: Array) -> Array:
     hand-off costs more than copying a few kilobytes (tens of microseconds on a busy machine).
     """
     out_bytes = row.shape[0] * time.shape[1] * math.prod(x.shape[2:]) * x.dtype.itemsize
-    if x.size * x.dtype.itemsize < (1 << 19) or out_bytes > (1 << 18):
+    if (x.size * x.dtype.itemsize < (1 << 19) or out_bytes > (1 << 18)
+            or time.size > 512):  # past ~512 rows the loop costs more than the hand-off
         return x[row[:, None], time]
     return jax.lax.platform_dependent(x, row, time, cpu=_take_loop,
                                       default=lambda x, row, time: x[row[:, None], time])
