@@ -21,7 +21,6 @@ item, which gets the maximum priority recorded so far).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional
 
 import jax
@@ -116,35 +115,6 @@ def empty_storage(experience: PyTree, prefix: tuple[int, ...]) -> PyTree:
 
 def _floor_div(a: Array, b: int) -> Array:
     return jnp.floor_divide(a, b)
-
-
-def _take(x: Array, row: Array, time: Array) -> Array:
-    """`x[row[:, None], time]`: `[b, L, *item]` from storage `[R, T, *item]`.
-
-    On CPU, when the storage is large and the sample small, the rows are copied by a loop:
-    XLA's CPU cost model splits a batched read of a large array across threads, and the
-    hand-off costs more than copying a few kilobytes (tens of microseconds on a busy machine).
-    """
-    out_bytes = row.shape[0] * time.shape[1] * math.prod(x.shape[2:]) * x.dtype.itemsize
-    if (x.size * x.dtype.itemsize < (1 << 19) or out_bytes > (1 << 18)
-            or time.size > 512):  # past ~512 rows the loop costs more than the hand-off
-        return x[row[:, None], time]
-    return jax.lax.platform_dependent(x, row, time, cpu=_take_loop,
-                                      default=lambda x, row, time: x[row[:, None], time])
-
-
-def _take_loop(x: Array, row: Array, time: Array) -> Array:
-    b, length = time.shape
-    rows = jnp.repeat(row, length)
-    times = time.reshape(-1)
-    zeros = (0,) * (x.ndim - 2)
-
-    def body(i, out):
-        one = jax.lax.dynamic_slice(x, (rows[i], times[i], *zeros), (1, 1, *x.shape[2:]))
-        return jax.lax.dynamic_update_slice(out, one[0], (i, *zeros))
-
-    out = jax.lax.fori_loop(0, b * length, body, jnp.zeros((b * length, *x.shape[2:]), x.dtype))
-    return out.reshape(b, length, *x.shape[2:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,7 +326,7 @@ class TrajectoryCore:
         """Sequences `[b, L, *item_shape]` of rows `row` `[b]` from time indices `start` `[b]`."""
         t = self.max_length_time_axis
         time = (start[:, None] + jnp.arange(self.sample_sequence_length)) % t
-        return jax.tree.map(lambda x: _take(x, row, time), experience)
+        return jax.tree.map(lambda x: x[row[:, None], time], experience)
 
     def prioritised_sample(self, state, leaf: Array, total: Array,
                            priorities: Optional[Array] = None) -> PrioritisedSample:

@@ -17,13 +17,12 @@ descent only enters children with a positive value).
 Batched writes cost O(B * branching * depth) row reads and scatters, and the few levels
 near the root that have fewer nodes than a batch reads are recomputed whole (contiguous
 reductions); no O(N) work. Duplicate leaf indices in one write: the last occurrence wins, on
-every backend (the others are dropped before the scatter). On CPU, writes of a few entries
-(an `add`) run as a scalar loop over the entries instead (`update_sum_min`).
+every backend (the others are dropped before the scatter). There is no serial loop over the
+batch on any backend: the same batched program runs everywhere.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -104,10 +103,8 @@ def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
     the previous family, read as `identity`; child `c` of a node is then `rows[:, c + shift]`.
     `shift` is None when the level has no partial family.
 
-    Small levels are read through a static slice of their level, so that XLA costs the read
-    as one level, not as the whole array (on CPU it otherwise splits every such read across
-    threads, a hand-off that costs more than the read); large levels, on CPU, by a loop of
-    single-row reads (`LOOP_LEVEL_SIZE`).
+    Inner levels are read through a static slice of the level, so that XLA costs the read as
+    one level, not as the whole array; the leaf level, which ends the array, is read in place.
     """
     k = geo.branching
     size, off = geo.sizes[d], geo.offsets[d]
@@ -117,10 +114,8 @@ def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
         return jnp.broadcast_to(level, (parent.shape[0], k)), None
     first = parent * k
     start = jnp.minimum(first, size - k)
-    if size >= LOOP_LEVEL_SIZE:
-        rows = jax.lax.platform_dependent(
-            tree, start, cpu=functools.partial(_rows_loop, offset=off, k=k),
-            default=functools.partial(_rows_gather, offset=off, k=k))
+    if d == len(geo.sizes) - 1:  # the leaf level ends the array: read it in place
+        rows = _rows_gather(tree, start, offset=off, k=k)
     else:
         rows = _rows_gather(tree[off : off + size], start, offset=0, k=k)
     if size % k == 0:
@@ -129,24 +124,9 @@ def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
     return jnp.where(jnp.arange(k) >= shift[:, None], rows, identity), shift
 
 
-# On CPU, rows of a level of at least this many nodes are read by a loop of slices: XLA's CPU
-# cost model splits a batched read of a level over 256 KB across threads, and the hand-off
-# costs more than the read (tens of microseconds on a busy machine).
-LOOP_LEVEL_SIZE = 1 << 16
-
-
 def _rows_gather(tree: jax.Array, start: jax.Array, *, offset: int, k: int) -> jax.Array:
     """`[B, k]`: `tree[offset + start[b] : ... + k]` for each b, one batched row read."""
     return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (offset + s,), (k,)))(start)
-
-
-def _rows_loop(tree: jax.Array, start: jax.Array, *, offset: int, k: int) -> jax.Array:
-    """`_rows_gather` as a loop of single-row reads (each costed as k elements)."""
-    def body(i, rows):
-        row = jax.lax.dynamic_slice(tree, (offset + start[i],), (k,))
-        return jax.lax.dynamic_update_slice(rows, row[None], (i, 0))
-    return jax.lax.fori_loop(0, start.shape[0], body,
-                             jnp.zeros((start.shape[0], k), tree.dtype))
 
 
 def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
@@ -254,65 +234,10 @@ def update_sum_min(
     """
     index = index.astype(jnp.int32)
     values = values.astype(jnp.float32)
-    b, k = index.shape[0], geo.branching
+    b = index.shape[0]
     if b == 0:
         return sums, mins
-    if b <= SERIAL_MAX_BATCH:
-        # A few entries (an `add`): on CPU a scalar loop over the entries beats the batched
-        # form, whose dozens of small kernels cost more to launch than to run. Same result.
-        return jax.lax.platform_dependent(
-            sums, mins, index, values, mask,
-            cpu=functools.partial(_update_sum_min_serial, geo=geo),
-            default=functools.partial(_update_sum_min_batched, geo=geo))
     return _update_sum_min_batched(sums, mins, index, values, mask, geo=geo)
-
-
-# Batches of at most this many entries are written one entry at a time on CPU.
-SERIAL_MAX_BATCH = 32
-
-
-def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
-    """`update_sum_min` one entry at a time, in order (so the last duplicate wins): write the
-    leaf, then recompute each ancestor from its children. In-place single-element writes
-    (dynamic_update_slice) and row reads (dynamic_slice) in a loop over levels."""
-    k, n = geo.branching, geo.num_nodes
-    depth = len(geo.sizes) - 1
-    ok = mask & (index >= 0) & (index < geo.num_leaves)
-    offsets = jnp.asarray(geo.offsets, jnp.int32)
-    level_end = offsets + jnp.asarray(geo.sizes, jnp.int32)
-    j = jnp.arange(k, dtype=jnp.int32)
-
-    def put(tree, at, value):
-        return jax.lax.dynamic_update_slice(tree, value[None], (at,))
-
-    def family(tree, d, parent, identity):
-        first = offsets[d] + parent * k
-        start = jnp.minimum(first, n - k)  # the slice stays inside the array
-        pos = start + j
-        row = jax.lax.dynamic_slice(tree, (start,), (k,))
-        return jnp.where((pos >= first) & (pos < level_end[d]), row, identity)
-
-    def ancestors(it, carry):
-        s, m, node = carry
-        d = depth - it
-        parent = node // k
-        at = offsets[d - 1] + parent
-        s = put(s, at, jnp.sum(family(s, d, parent, 0.0)))
-        m = put(m, at, jnp.min(family(m, d, parent, jnp.inf)))
-        return s, m, parent
-
-    def entry(i, trees):
-        def write(trees):
-            s, m = trees
-            v = values[i]
-            leaf = geo.offsets[-1] + index[i]
-            s = put(s, leaf, v)
-            m = put(m, leaf, jnp.where(v > 0, v, jnp.inf))
-            s, m, _ = jax.lax.fori_loop(0, depth, ancestors, (s, m, index[i]))
-            return s, m
-        return jax.lax.cond(ok[i], write, lambda trees: trees, trees)
-
-    return jax.lax.fori_loop(0, index.shape[0], entry, (sums, mins))
 
 
 def _update_sum_min_batched(sums, mins, index, values, mask, *, geo):
