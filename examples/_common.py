@@ -290,8 +290,10 @@ class Timer:
 
 
 def run_chunks(args: argparse.Namespace, start: int, chunk: Callable[[], tuple[int, dict]],
-               save: Callable[[int], Any], history: "History", timer: Timer) -> int:
+               evaluate: Callable[[int], Any], save: Callable[[int], Any], history: "History",
+               timer: Timer) -> int:
     """The outer loop: `chunk()` runs one jitted chunk and returns `(env_steps, metrics)`;
+    `evaluate(env_steps)` returns greedy episode returns (the learning curve);
     `save(env_steps)` checkpoints, every `--checkpoint-every` chunks and at the end. Returns
     the env steps reached."""
     bar = progress(args, start)
@@ -300,15 +302,17 @@ def run_chunks(args: argparse.Namespace, start: int, chunk: Callable[[], tuple[i
         tick = Timer()
         steps, metrics = chunk()
         figures = chunk_figures(jax.device_get(metrics))
-        sps = args.chunk_steps / tick()
+        sps = args.chunk_steps / tick()  # training only, not the evaluation below
+        figures["greedy"] = float(np.mean(jax.device_get(evaluate(steps))))
         done += 1
         history.append(step=steps, wall=timer(), sps=sps, **figures)
-        bar.set_postfix(ret=f"{figures['return']:.1f}", loss=f"{figures['loss']:.3g}",
-                        sps=f"{sps:,.0f}")
+        bar.set_postfix(ret=f"{figures['return']:.1f}", greedy=f"{figures['greedy']:.1f}",
+                        loss=f"{figures['loss']:.3g}", sps=f"{sps:,.0f}")
         bar.update(args.chunk_steps)
         if args.no_progress:
-            print(f"step {steps}: return {figures['return']:.1f} loss {figures['loss']:.3g} "
-                  f"sps {sps:,.0f}", flush=True)
+            print(f"step {steps}: return {figures['return']:.1f} greedy "
+                  f"{figures['greedy']:.1f} loss {figures['loss']:.3g} sps {sps:,.0f}",
+                  flush=True)
         if done % args.checkpoint_every == 0 or steps >= args.total_steps:
             save(steps)
             if args.no_progress:
@@ -359,7 +363,8 @@ def clear_run(directory: Path) -> None:
 
 def plot_curve(path: Path, rows: list[dict], final_return: float, title: str,
                resumed_from: int) -> None:
-    """Mean training episode return per chunk against env steps; the final greedy return."""
+    """Greedy and training (epsilon-greedy) returns per chunk against env steps; the final
+    evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,11 +372,16 @@ def plot_curve(path: Path, rows: list[dict], final_return: float, title: str,
 
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
-    returns = [np.nan if r["return"] is None else r["return"] for r in rows]
-    ax.plot(steps, returns, label="training return (epsilon-greedy)")
+
+    def curve(key):
+        return [np.nan if r.get(key) is None else r[key] for r in rows]
+
+    ax.plot(steps, curve("greedy"), color="C0", label="greedy return (after each chunk)")
+    ax.plot(steps, curve("return"), color="C1", alpha=0.6, lw=1,
+            label="training return (epsilon-greedy)")
     if rows:
         ax.scatter([steps[-1]], [final_return], color="C3", zorder=3,
-                   label=f"greedy evaluation: {final_return:.1f}")
+                   label=f"final evaluation: {final_return:.1f}")
     if resumed_from:
         ax.axvline(resumed_from, color="grey", ls=":", label=f"resumed at {resumed_from}")
     ax.axhline(475, color="grey", ls="--", lw=0.8, label="solved (475)")

@@ -243,7 +243,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def save(steps):
         checkpoint.save(manager, steps, carry.state, carry.key, force=True)
 
-    steps = _common.run_chunks(args, start, chunk, save, history, timer)
+    def greedy(steps):
+        return evaluate(carry.state.params, jax.random.fold_in(k_eval, steps))
+
+    steps = _common.run_chunks(args, start, chunk, greedy, save, history, timer)
     manager.wait_until_finished()
     return _common.finish(
         args, run_dir, history, jax.device_get(evaluate(carry.state.params, k_eval)),

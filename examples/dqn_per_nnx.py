@@ -111,8 +111,8 @@ def make_train_chunk(args, env: _common.Env):
         return envs, metrics
 
     @nnx.jit
-    def evaluate(agent: Agent, key: jax.Array):
-        return _common.evaluate(agent.online, env, key, args.eval_episodes)
+    def evaluate(q_network: QNetwork, key: jax.Array):  # the network only, not the buffer
+        return _common.evaluate(q_network, env, key, args.eval_episodes)
 
     return train_chunk, evaluate
 
@@ -161,10 +161,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def save(steps):
         checkpoint.save_nnx(manager, steps, agent, optimizer, rng, force=True)
 
-    steps = _common.run_chunks(args, start, chunk, save, history, timer)
+    def greedy(steps):
+        return evaluate(agent.online, jax.random.fold_in(k_eval, steps))
+
+    steps = _common.run_chunks(args, start, chunk, greedy, save, history, timer)
     manager.wait_until_finished()
     return _common.finish(
-        args, run_dir, history, jax.device_get(evaluate(agent, k_eval)),
+        args, run_dir, history, jax.device_get(evaluate(agent.online, k_eval)),
         f"DQN + PER (NNX) on {args.env}",
         env_steps=steps, updates=int(optimizer.step[...]),
         buffer_running_index=int(agent.replay.running_index[...]),

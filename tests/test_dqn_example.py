@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 NUM_ENVS, CHUNK = 4, 200
@@ -127,11 +125,10 @@ def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
     assert _steps(linen_dir)[-1] == total
 
 
-@pytest.mark.parametrize("flags", [["--chunk-steps", "201"], ["--total-steps", "300"]])
-def test_example_refuses_flags_it_cannot_honour(flags, tmp_path):
-    out = subprocess.run(
+def test_example_refuses_flags_it_cannot_honour(tmp_path):
+    out = subprocess.run(  # a chunk must be a whole number of vectorised steps
         [sys.executable, str(EXAMPLES / "dqn_per.py"), "--num-envs", "4", "--chunk-steps",
-         "200", *flags, "--checkpoint-dir", str(tmp_path)],
+         "202", "--total-steps", "404", "--checkpoint-dir", str(tmp_path)],
         env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode != 0 and "must be a multiple of" in out.stderr, out.stderr
