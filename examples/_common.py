@@ -85,6 +85,30 @@ def check_args(args: argparse.Namespace) -> None:
                          f"--chunk-steps ({args.chunk_steps})")
 
 
+class Run(NamedTuple):
+    """What both examples set up before building their agent."""
+
+    args: argparse.Namespace
+    timer: "Timer"
+    run_dir: Path
+    env: "Env"
+    k_init: jax.Array
+    rng: jax.Array
+    k_eval: jax.Array
+
+
+def start_run(description: str, run_name: str, argv=None) -> Run:
+    """Flags, timer, run directory (cleared with --fresh), environment and the three keys."""
+    args = make_parser(description, run_name).parse_args(argv)
+    check_args(args)
+    timer = Timer()
+    run_dir = args.checkpoint_dir.resolve()
+    if args.fresh:
+        clear_run(run_dir)
+    k_init, rng, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    return Run(args, timer, run_dir, make_env(args.env), k_init, rng, k_eval)
+
+
 # ------------------------------------------------------------------------------ environment
 class Env(NamedTuple):
     """A gymnax environment vectorised over `[num_envs]` with auto-reset."""

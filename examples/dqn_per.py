@@ -210,14 +210,8 @@ def running_index(state: flax_replay.TrainState) -> int:
 def main(argv: Sequence[str] | None = None) -> dict:
     from flax_replay import checkpoint
 
-    args = _common.make_parser(__doc__.splitlines()[0], "dqn_per").parse_args(argv)
-    _common.check_args(args)
-    timer = _common.Timer()
-    run_dir = args.checkpoint_dir.resolve()
-    if args.fresh:
-        _common.clear_run(run_dir)
-    env = _common.make_env(args.env)
-    k_init, rng, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    args, timer, run_dir, env, k_init, rng, k_eval = _common.start_run(
+        __doc__.splitlines()[0], "dqn_per", argv)
     agent, state, train_chunk, evaluate = build(args, env, k_init)
 
     manager = checkpoint.make_manager(run_dir, max_to_keep=2)

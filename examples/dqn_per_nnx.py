@@ -120,14 +120,8 @@ def make_train_chunk(args, env: _common.Env):
 def main(argv: Sequence[str] | None = None) -> dict:
     from flax_replay import checkpoint
 
-    args = _common.make_parser(__doc__.splitlines()[0], "dqn_per_nnx").parse_args(argv)
-    _common.check_args(args)
-    timer = _common.Timer()
-    run_dir = args.checkpoint_dir.resolve()
-    if args.fresh:
-        _common.clear_run(run_dir)
-    env = _common.make_env(args.env)
-    k_init, rng, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    args, timer, run_dir, env, k_init, rng, k_eval = _common.start_run(
+        __doc__.splitlines()[0], "dqn_per_nnx", argv)
     agent = Agent(env, args, nnx.Rngs(k_init))
     optimizer = nnx.Optimizer(agent, _common.make_optimizer(args), wrt=ONLINE)
     train_chunk, evaluate = make_train_chunk(args, env)
