@@ -172,7 +172,7 @@ def td_errors(q_first: jax.Array, q_second_online: jax.Array, q_second_target: j
     truncated at t, `second.obs` is already the next episode's start, so there is no target:
     the mask is 0 there (terminal steps bootstrap with 0, as usual).
     """
-    first, second = pair.first, pair.second
+    first = pair.first
     a_star = jnp.argmax(q_second_online, -1)
     bootstrap = jnp.take_along_axis(q_second_target, a_star[:, None], -1)[:, 0]
     target = first["reward"] + gamma * (1.0 - first["terminated"]) * bootstrap

@@ -260,7 +260,7 @@ def check_sampled_items(case: Case, experience) -> list[tuple[int, int]]:
 
 def _reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -> np.ndarray:
     """Every level of a `branching`-ary tree over `leaves`, root first, as one flat array."""
-    levels = [leaves]
+    levels = [np.concatenate([leaves, np.full(geo.sizes[-1] - leaves.size, identity)])]
     for size in reversed(geo.sizes[:-1]):
         below = levels[0]
         padded = np.full(size * geo.branching, identity)

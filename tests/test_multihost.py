@@ -81,7 +81,7 @@ def _leaves(tree: np.ndarray) -> np.ndarray:
     """Leaf values in single-device leaf order from per-shard trees `[S, nodes]`."""
     s = tree.shape[0]
     geo = flax_replay._src.sum_tree.geometry(job.ROWS * SLOTS // s)
-    return tree[:, geo.offsets[-1]:].reshape(-1)
+    return np.concatenate([np.asarray(flax_replay._src.sum_tree.leaves(t, geo)) for t in tree])
 
 
 def _expected_leaves(result) -> np.ndarray:

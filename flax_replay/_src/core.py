@@ -243,7 +243,10 @@ class TrajectoryCore:
         p, s_per_row = self.period, self.slots_per_row
         lo0, n0 = self.valid_window(written)
         lo1, n1 = self.valid_window(written + a)
-        m = min(-(-a // p) + 1, s_per_row)  # static bound on items entering/leaving per row
+        # Static bound on the items entering (starts in (W - L, W + a - L]) or leaving
+        # (starts in [W - T, W + a - T)) per row: a grid of period p meets an interval
+        # of length a at most ceil(a / p) times.
+        m = min(-(-a // p), s_per_row)
         j = jnp.arange(m)
         # Leaving: valid before, start below the new window.
         n_out = jnp.clip(_floor_div(lo1 - lo0, p), 0, n0)

@@ -1,13 +1,13 @@
 """An exact, wide sum tree (with a min tree beside it) over a fixed number of leaves.
 
 Layout: one flat float32 array per tree holding every level, root first. A node has
-`branching` children, stored contiguously, so the children of a node are one row read; a
-level has `ceil(size_below / branching)` nodes, and missing children read as the reduction's
-identity (0 for sums, +inf for mins). The default branching, 4 (10 levels below the root for
-10^6 leaves instead of 20), was the fastest of 4, 8, 16 and 32 on CPU for both sampling and
-updates: the work per level grows linearly with the branching, the depth only shrinks
-logarithmically, and a row of 4 floats never spans more than two cache lines
-(benchmarks/README.md).
+`branching` children, stored contiguously, so the children of a node are one row read. Every
+level below the root is padded to a multiple of the branching with nodes holding the
+reduction's identity (0 for sums, +inf for mins), so every family is a full row. The default
+branching, 4 (10 levels below the root for 10^6 leaves instead of 20), was the fastest of 4,
+8, 16 and 32 on CPU for both sampling and updates: the work per level grows linearly with the
+branching, the depth only shrinks logarithmically, and a row of 4 floats never spans more
+than two cache lines (benchmarks/README.md).
 
 Exactness: after leaves are written, every ancestor is *recomputed from its children*, level by
 level, never adjusted by a delta. The stored parents are therefore always the float32 sums
@@ -17,14 +17,15 @@ descent only enters children with a positive value).
 Batched writes cost O(B * branching * depth) row reads and scatters, and the few levels
 near the root that have fewer nodes than a batch reads are recomputed whole (contiguous
 reductions); no O(N) work. Duplicate leaf indices in one write: the last occurrence wins, on
-every backend (the others are dropped before the scatter). There is no serial loop over the
-batch on any backend: the same batched program runs everywhere.
+every backend. Levels are visited by a loop over the depth (one compiled body); there is no
+loop over the batch on any backend. A write of at most `SMALL_BATCH` entries (one step added
+to one row) uses dynamic slices in place of gathers and scatters: on XLA:CPU the loop over
+the levels then compiles to one function, and nothing is handed to other threads.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from typing import NamedTuple
 
 import jax
@@ -35,19 +36,25 @@ DEFAULT_BRANCHING = 4
 
 class Geometry(NamedTuple):
     """Static shape of a tree: `sizes[d]` nodes at depth d (root first), `offsets[d]` into
-    the flat array."""
+    the flat array. Every level below the root is padded to a multiple of `branching` with
+    nodes that hold the reduction's identity, so every family is one full row."""
 
     branching: int
+    num_leaves: int
     sizes: tuple[int, ...]
     offsets: tuple[int, ...]
 
     @property
-    def num_leaves(self) -> int:
-        return self.sizes[-1]
+    def depth(self) -> int:
+        return len(self.sizes) - 1
 
     @property
     def num_nodes(self) -> int:
         return self.offsets[-1] + self.sizes[-1]
+
+
+def _round_up(n: int, k: int) -> int:
+    return -(-n // k) * k
 
 
 def geometry(num_leaves: int, branching: int = DEFAULT_BRANCHING) -> Geometry:
@@ -55,14 +62,12 @@ def geometry(num_leaves: int, branching: int = DEFAULT_BRANCHING) -> Geometry:
         raise ValueError(f"a sum tree needs at least one leaf, got num_leaves={num_leaves}")
     if branching < 2:
         raise ValueError(f"branching must be >= 2, got {branching}")
-    sizes = [num_leaves]
-    while sizes[-1] > 1:
-        sizes.append(math.ceil(sizes[-1] / branching))
-    if len(sizes) == 1:  # a single leaf still gets a root above it
-        sizes.append(1)
-    sizes = tuple(reversed(sizes))
+    sizes = [_round_up(num_leaves, branching)]
+    while sizes[-1] > branching:
+        sizes.append(_round_up(sizes[-1] // branching, branching))
+    sizes = tuple(reversed(sizes + [1]))
     offsets = tuple(itertools.accumulate((0,) + sizes[:-1]))
-    return Geometry(branching, sizes, offsets)
+    return Geometry(branching, num_leaves, sizes, offsets)
 
 
 def init(geo: Geometry, identity: float) -> jax.Array:
@@ -71,8 +76,8 @@ def init(geo: Geometry, identity: float) -> jax.Array:
 
 
 def leaves(tree: jax.Array, geo: Geometry) -> jax.Array:
-    """`[num_leaves]` view of the leaf level."""
-    return tree[geo.offsets[-1] :]
+    """`[num_leaves]` view of the leaf level (without its padding)."""
+    return tree[geo.offsets[-1] : geo.offsets[-1] + geo.num_leaves]
 
 
 def get(tree: jax.Array, geo: Geometry, index: jax.Array) -> jax.Array:
@@ -92,45 +97,17 @@ def last_occurrence(index: jax.Array) -> jax.Array:
     return jnp.zeros_like(is_last_sorted).at[order].set(is_last_sorted)
 
 
-def _family(tree: jax.Array, geo: Geometry, d: int, parent: jax.Array,
-            identity: float) -> tuple[jax.Array, jax.Array | None]:
-    """`(rows, shift)`: `rows` `[B, k]` holds the children (at depth d) of the nodes `parent`
-    `[B]` (at depth d - 1), each row one contiguous slice of the flat array (a row gather, not
-    k element gathers).
-
-    A partial last family would run past the end of its level: its slice is moved back by
-    `shift` `[B]` (0 for every full family) and the `shift` leading entries, which belong to
-    the previous family, read as `identity`; child `c` of a node is then `rows[:, c + shift]`.
-    `shift` is None when the level has no partial family.
-
-    Inner levels are read through a static slice of the level, so that XLA costs the read as
-    one level, not as the whole array; the leaf level, which ends the array, is read in place.
-    """
-    k = geo.branching
-    size, off = geo.sizes[d], geo.offsets[d]
-    if size < k:  # a single family (its parent is the root or a lone node): pad it
-        level = jnp.concatenate([tree[off : off + size],
-                                 jnp.full((k - size,), identity, tree.dtype)])
-        return jnp.broadcast_to(level, (parent.shape[0], k)), None
-    first = parent * k
-    start = jnp.minimum(first, size - k)
-    if d == len(geo.sizes) - 1:  # the leaf level ends the array: read it in place
-        rows = _rows_gather(tree, start, offset=off, k=k)
-    else:
-        rows = _rows_gather(tree[off : off + size], start, offset=0, k=k)
-    if size % k == 0:
-        return rows, None
-    shift = first - start
-    return jnp.where(jnp.arange(k) >= shift[:, None], rows, identity), shift
-
-
-def _rows_gather(tree: jax.Array, start: jax.Array, *, offset: int, k: int) -> jax.Array:
-    """`[B, k]`: `tree[offset + start[b] : ... + k]` for each b, one batched row read."""
-    return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (offset + s,), (k,)))(start)
+def _rows(tree: jax.Array, start: jax.Array, k: int) -> jax.Array:
+    """`[B, k]`: `tree[start[b] : start[b] + k]` for each b, one batched row read."""
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (s,), (k,)))(start)
 
 
 def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
-    return jnp.sum(rows, axis=1) if reducer == "sum" else jnp.min(rows, axis=1)
+    return jnp.sum(rows, axis=-1) if reducer == "sum" else jnp.min(rows, axis=-1)
+
+
+def _identity(reducer: str) -> float:
+    return 0.0 if reducer == "sum" else float("inf")
 
 
 def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Array:
@@ -138,14 +115,13 @@ def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Arra
     arrays, and one in-place write of the levels 0..d-1 (they are the first nodes of the flat
     array). Cheaper than per-entry gathers once a level has fewer nodes than a batch reads."""
     k = geo.branching
-    identity = 0.0 if reducer == "sum" else jnp.inf
     level = tree[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
     above = []
     for e in range(d, 0, -1):
-        pad = geo.sizes[e - 1] * k - geo.sizes[e]
+        level = _reduce(level.reshape(-1, k), reducer)
+        pad = geo.sizes[e - 1] - level.shape[0]
         if pad:
-            level = jnp.concatenate([level, jnp.full((pad,), identity, tree.dtype)])
-        level = _reduce(level.reshape(geo.sizes[e - 1], k), reducer)
+            level = jnp.concatenate([level, jnp.full((pad,), _identity(reducer), tree.dtype)])
         above.append(level)
     top = jnp.concatenate(above[::-1]) if len(above) > 1 else above[0]
     return jax.lax.dynamic_update_slice(tree, top, (0,))
@@ -155,6 +131,28 @@ def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Arra
 # writes) is recomputed whole; below it parents are recomputed per written entry.
 DENSE_FACTOR = 4
 
+# Writes of at most SMALL_BATCH entries (an add of one step to one row) go entry by entry
+# with dynamic slices instead of gathers and scatters: for so few entries the batched
+# bookkeeping costs more than the entries, and XLA:CPU can then compile the whole loop over
+# the levels as one function. The result is the same.
+SMALL_BATCH = 2
+
+
+def _levels_loop(geo: Geometry, lo: int, hi: int, body, carry):
+    """Runs `body(d, carry)` for depths d = hi, hi - 1, ..., lo + 1 (d is traced).
+
+    A loop over the levels (never over the batch): one compiled body instead of one copy
+    per level, and XLA:CPU neither splits its small gathers and scatters across threads
+    (the hand-off costs more than they do) nor keeps a kernel per level.
+    """
+    if hi <= lo:
+        return carry
+    return jax.lax.fori_loop(0, hi - lo, lambda i, c: body(hi - i, c), carry)
+
+
+def _offset(geo: Geometry, d: jax.Array) -> jax.Array:
+    return jnp.asarray(geo.offsets, jnp.int32)[d]
+
 
 def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
     """Recomputes, from their children, the ancestors of leaves `node` `[B]` where `keep`.
@@ -163,24 +161,74 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
     per tree, so the leaf level need not be read again.
     """
     k = geo.branching
-    depth = len(geo.sizes) - 1
+    depth = geo.depth
     dense = max([d for d in range(1, depth + 1)
                  if geo.sizes[d] <= DENSE_FACTOR * node.shape[0] * k], default=0)
-    out_of_range = geo.num_nodes  # scatters to this position are dropped
-    for d in range(depth, dense, -1):
-        parent = jnp.where(keep, node // k, 0)
-        dst = jnp.where(keep, geo.offsets[d - 1] + parent, out_of_range)
-        new_trees = []
-        for i, (t, r) in enumerate(zip(trees, reducers)):
-            if d == depth and leaf_rows is not None:
-                rows = leaf_rows[i]
-            else:
-                rows, _ = _family(t, geo, d, parent, 0.0 if r == "sum" else jnp.inf)
-            new_trees.append(t.at[dst].set(_reduce(rows, r), mode="drop"))
-        trees = tuple(new_trees)
-        node = parent
+    dropped = geo.num_nodes  # scatters to this position are dropped
+    node = jnp.where(keep, node, 0)
+
+    def write(trees, d, parent, rows):
+        dst = jnp.where(keep, _offset(geo, d - 1) + parent, dropped)
+        return tuple(t.at[dst].set(_reduce(r, red), mode="drop")
+                     for t, r, red in zip(trees, rows, reducers))
+
+    if leaf_rows is not None and depth > dense:
+        trees = write(trees, depth, node // k, leaf_rows)
+        node, hi = node // k, depth - 1
+    else:
+        hi = depth
+
+    def level(d, carry):
+        trees, node = carry
+        parent = node // k
+        start = _offset(geo, d) + parent * k
+        return write(trees, d, parent, [_rows(t, start, k) for t in trees]), parent
+
+    trees, _ = _levels_loop(geo, dense, hi, level, (tuple(trees), node))
     if dense:
         trees = tuple(_dense_top(t, geo, dense, r) for t, r in zip(trees, reducers))
+    return trees
+
+
+def _update_small(trees, geo, index, values, mask, reducers):
+    """`update` for a static batch of at most SMALL_BATCH entries, with one dynamic slice and
+    one in-place write per entry and level, instead of gathers and scatters.
+
+    Every entry writes its leaf's final value (that of the last entry writing the leaf, or the
+    old one), so the writes commute; at each level all reads come before all writes (a level
+    reads only the level below it), so no write has to wait for, or copy around, a read.
+    """
+    k = geo.branching
+    ok = mask & (index >= 0) & (index < geo.num_leaves)
+    node = jnp.clip(index, 0, geo.num_leaves - 1)
+    leaf = geo.offsets[-1] + node
+    b = jnp.arange(index.shape[0])
+    same = ok[None, :] & (node[None, :] == node[:, None])  # [i, j]: j writes i's leaf
+    last = jnp.max(jnp.where(same, b[None, :], -1), axis=1)
+
+    def write(t, dst, new):
+        for i in range(index.shape[0]):
+            t = jax.lax.dynamic_update_slice(t, new[i:i + 1], (dst[i],))
+        return t
+
+    def read(t, start, size):
+        return jnp.stack([jax.lax.dynamic_slice(t, (start[i],), (size,))
+                          for i in range(index.shape[0])])
+
+    trees = tuple(
+        write(t, leaf, jnp.where(last >= 0, v.astype(t.dtype)[jnp.maximum(last, 0)],
+                                 read(t, leaf, 1)[:, 0]))
+        for t, v in zip(trees, values))
+
+    def level(d, carry):
+        trees, node = carry
+        parent = node // k
+        start, dst = _offset(geo, d) + parent * k, _offset(geo, d - 1) + parent
+        # Families without a new leaf are recomputed to the value they hold.
+        return tuple(write(t, dst, _reduce(read(t, start, k), red))
+                     for t, red in zip(trees, reducers)), parent
+
+    trees, _ = _levels_loop(geo, 0, geo.depth, level, (trees, node))
     return trees
 
 
@@ -205,6 +253,8 @@ def update(
     index = index.astype(jnp.int32)
     if index.shape[0] == 0:
         return tuple(trees)
+    if index.shape[0] <= SMALL_BATCH:
+        return _update_small(trees, geo, index, values, mask, reducers)
     ok = mask & (index >= 0) & (index < geo.num_leaves)
     leaf = jnp.where(ok, geo.offsets[-1] + index, geo.num_nodes)
     # The last occurrence wins: mark each written leaf with the largest batch position that
@@ -237,26 +287,27 @@ def update_sum_min(
     b = index.shape[0]
     if b == 0:
         return sums, mins
+    if b <= SMALL_BATCH:
+        return _update_small((sums, mins), geo, index,
+                             (values, jnp.where(values > 0, values, jnp.inf)), mask,
+                             ("sum", "min"))
     return _update_sum_min_batched(sums, mins, index, values, mask, geo=geo)
 
 
 def _update_sum_min_batched(sums, mins, index, values, mask, *, geo):
     b, k = index.shape[0], geo.branching
-    depth = len(geo.sizes) - 1
     ok = mask & (index >= 0) & (index < geo.num_leaves)
     leaf = jnp.where(ok, geo.offsets[-1] + index, geo.num_nodes)
     mark = -1.0 - jnp.arange(b, dtype=jnp.float32)  # below every leaf value
     sums = sums.at[leaf].min(mark, mode="drop")
     parent = jnp.where(ok, index // k, 0)
-    rows, shift = _family(sums, geo, depth, parent, 0.0)
-    column = index - parent * k + (0 if shift is None else shift)
+    rows = _rows(sums, geo.offsets[-1] + parent * k, k)
+    column = index - parent * k
     j = jnp.arange(k)
     keep = ok & (jnp.sum(jnp.where(j == column[:, None], rows, 0.0), axis=1) == mark)
     winner = jnp.clip((-1.0 - rows).astype(jnp.int32), 0, b - 1)
     rows = jnp.where(rows < 0, values[winner], rows)
     min_rows = jnp.where(rows > 0, rows, jnp.inf)
-    if shift is not None:
-        min_rows = jnp.where(j >= shift[:, None], min_rows, jnp.inf)
     leaf = jnp.where(keep, leaf, geo.num_nodes)
     sums = sums.at[leaf].set(values, mode="drop")
     mins = mins.at[leaf].set(jnp.where(values > 0, values, jnp.inf), mode="drop")
@@ -268,12 +319,11 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
                        targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(leaf, value)`, both `[B]`: the leaves of `sample` and their (exact) stored values."""
     k = geo.branching
-    depth = len(geo.sizes) - 1
-    node = jnp.zeros(targets.shape, jnp.int32)
-    target = targets.astype(jnp.float32)
     j = jnp.arange(k)
-    for d in range(1, depth + 1):
-        rows, shift = _family(tree, geo, d, node, 0.0)
+
+    def level(d, carry):
+        node, target, _ = carry
+        rows = _rows(tree, _offset(geo, d) + node * k, k)
         cols = [rows[:, 0]]  # running sums, unrolled: cheaper than a cumsum for small k
         for c in range(1, k):
             cols.append(cols[-1] + rows[:, c])
@@ -283,15 +333,16 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
         # entered is then positive: its running sum rises above the previous one.
         skip = (cum <= target[:, None]) & (cum < cum[:, -1:])
         child = jnp.sum(skip, axis=1, dtype=jnp.int32)
-        if d < depth:
-            before = jnp.max(jnp.where(skip, cum, 0.0), axis=1)
-            through = jnp.min(jnp.where(skip, jnp.inf, cum), axis=1)
-            target = jnp.clip(target - before, 0.0, through - before)
-        else:
-            value = jnp.sum(jnp.where(j == child[:, None], rows, 0.0), axis=1)
-        if shift is not None:
-            child = child - shift
-        node = node * k + child
+        before = jnp.max(jnp.where(skip, cum, 0.0), axis=1)
+        through = jnp.min(jnp.where(skip, jnp.inf, cum), axis=1)
+        value = jnp.sum(jnp.where(j == child[:, None], rows, 0.0), axis=1)
+        return node * k + child, jnp.clip(target - before, 0.0, through - before), value
+
+    # The carry starts as a function of the tree too, so that under shard_map it varies over
+    # the same mesh axes as the loop's results.
+    zero = jnp.zeros(targets.shape, jnp.float32) + 0.0 * tree[0]
+    carry = (zero.astype(jnp.int32), targets.astype(jnp.float32) + zero, zero)
+    node, _, value = jax.lax.fori_loop(1, geo.depth + 1, level, carry)  # root's children first
     return node, value
 
 
