@@ -555,8 +555,10 @@ def summarise(rows: list[dict], branch: list[dict], memory: list[dict], skipped:
     noise = [abs(r["aa"] - 1) for r in rows if "aa" in r]
     band = float(np.percentile(noise, 90)) if noise else 0.0
     lines = ["# flax_replay vs Flashbax 0.1.3 vs NumPy (CPU)", ""]
-    lines += [f"Command: `python -m benchmarks.run{' --quick' if args.quick else ''}`; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    flags = (" --quick" if args.quick else "") + (f" --cores {args.cores}" if args.cores else "")
+    lines += [f"Command: `python -m benchmarks.run{flags}`; "
+              f"{platform.processor() or platform.machine()}, "
+              f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
               f"jax {jax.__version__}, flashbax {_version('flashbax')}; "
               f"{elapsed / 60:.0f} min. Times are medians over {args.rounds} rounds; ratios are "
               f"medians of per-round ratios (< 1: flax_replay is faster). Scan: "
@@ -708,7 +710,13 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="", help="run only cases whose label contains this")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-branching", action="store_true")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin the process to this many cores (0: all). XLA:CPU splits every "
+                        "gather or scatter on an array over 256 KB across up to sqrt(cores) "
+                        "threads; with one core nothing is split")
     args = p.parse_args(argv)
+    if args.cores:  # before the first computation creates the CPU client and its threads
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     args.views = True
     args.numpy = True
     if args.quick:

@@ -139,12 +139,9 @@ SMALL_BATCH = 2
 
 
 def _levels_loop(geo: Geometry, lo: int, hi: int, body, carry):
-    """Runs `body(d, carry)` for depths d = hi, hi - 1, ..., lo + 1 (d is traced).
-
-    A loop over the levels (never over the batch): one compiled body instead of one copy
-    per level, and XLA:CPU neither splits its small gathers and scatters across threads
-    (the hand-off costs more than they do) nor keeps a kernel per level.
-    """
+    """Runs `body(d, carry)` for depths d = hi, hi - 1, ..., lo + 1 (d is traced): a loop
+    over the levels (never over the batch). With only dynamic slices in its body, XLA:CPU
+    compiles the whole loop as one function."""
     if hi <= lo:
         return carry
     return jax.lax.fori_loop(0, hi - lo, lambda i, c: body(hi - i, c), carry)
@@ -168,7 +165,7 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
     node = jnp.where(keep, node, 0)
 
     def write(trees, d, parent, rows):
-        dst = jnp.where(keep, _offset(geo, d - 1) + parent, dropped)
+        dst = jnp.where(keep, geo.offsets[d - 1] + parent, dropped)
         return tuple(t.at[dst].set(_reduce(r, red), mode="drop")
                      for t, r, red in zip(trees, rows, reducers))
 
@@ -181,10 +178,14 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
     def level(d, carry):
         trees, node = carry
         parent = node // k
-        start = _offset(geo, d) + parent * k
-        return write(trees, d, parent, [_rows(t, start, k) for t in trees]), parent
+        rows = [_rows(t[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], parent * k, k)
+                for t in trees]
+        return write(trees, d, parent, rows), parent
 
-    trees, _ = _levels_loop(geo, dense, hi, level, (tuple(trees), node))
+    carry = (tuple(trees), node)
+    for d in range(hi, dense, -1):  # unrolled, as sampling, for the same reason
+        carry = level(d, carry)
+    trees = carry[0]
     if dense:
         trees = tuple(_dense_top(t, geo, dense, r) for t, r in zip(trees, reducers))
     return trees
@@ -323,7 +324,7 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
 
     def level(d, carry):
         node, target, _ = carry
-        rows = _rows(tree, _offset(geo, d) + node * k, k)
+        rows = _rows(tree[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], node * k, k)
         cols = [rows[:, 0]]  # running sums, unrolled: cheaper than a cumsum for small k
         for c in range(1, k):
             cols.append(cols[-1] + rows[:, c])
@@ -338,11 +339,15 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
         value = jnp.sum(jnp.where(j == child[:, None], rows, 0.0), axis=1)
         return node * k + child, jnp.clip(target - before, 0.0, through - before), value
 
-    # The carry starts as a function of the tree too, so that under shard_map it varies over
-    # the same mesh axes as the loop's results.
-    zero = jnp.zeros(targets.shape, jnp.float32) + 0.0 * tree[0]
-    carry = (zero.astype(jnp.int32), targets.astype(jnp.float32) + zero, zero)
-    node, _, value = jax.lax.fori_loop(1, geo.depth + 1, level, carry)  # root's children first
+    node = jnp.zeros(targets.shape, jnp.int32)
+    target = targets.astype(jnp.float32)
+    value = None
+    # Unrolled, each level read through a static slice of itself: XLA:CPU then costs a
+    # read by the level's size, and does not split the reads of small levels across
+    # threads (a hand-off costs more than the read; a loop over the levels would read
+    # the whole array each time).
+    for d in range(1, geo.depth + 1):
+        node, target, value = level(d, (node, target, value))
     return node, value
 
 
