@@ -1,6 +1,6 @@
 """flax_replay against Flashbax 0.1.3 and NumPy, on CPU, in one process and one run.
 
-    python -m benchmarks.run            # the full sweep (about an hour on 2 busy cores)
+    python -m benchmarks.run            # the full sweep (about 10 minutes on 2 cores)
     python -m benchmarks.run --quick    # a smaller sweep (a few minutes)
 
 Workloads: flat, trajectory, prioritised flat and prioritised trajectory buffers built by the
@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -555,7 +556,7 @@ def summarise(rows: list[dict], branch: list[dict], memory: list[dict], skipped:
     noise = [abs(r["aa"] - 1) for r in rows if "aa" in r]
     band = float(np.percentile(noise, 90)) if noise else 0.0
     lines = ["# flax_replay vs Flashbax 0.1.3 vs NumPy (CPU)", ""]
-    flags = (" --quick" if args.quick else "") + (f" --cores {args.cores}" if args.cores else "")
+    flags = "".join(" " + (a if re.fullmatch(r"[\w./=-]+", a) else repr(a)) for a in args.argv)
     lines += [f"Command: `python -m benchmarks.run{flags}`; "
               f"{platform.processor() or platform.machine()}, "
               f"{len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
@@ -710,14 +711,16 @@ def main(argv=None) -> None:
     p.add_argument("--only", default="", help="run only cases whose label contains this")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-branching", action="store_true")
+    p.add_argument("--no-views", action="store_true", help="skip the Linen and NNX arms")
     p.add_argument("--cores", type=int, default=0,
                    help="pin the process to this many cores (0: all). XLA:CPU splits every "
                         "gather or scatter on an array over 256 KB across up to sqrt(cores) "
                         "threads; with one core nothing is split")
     args = p.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.cores:  # before the first computation creates the CPU client and its threads
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
-    args.views = True
+    args.views = not args.no_views
     args.numpy = True
     if args.quick:
         args.steps, args.rounds, args.calls = 50, 7, 10
