@@ -320,10 +320,11 @@ class TrajectoryCore:
     def uniform_items(self, state, rng_key: Array, b: int) -> tuple[Array, Array]:
         """`(row, start)`, both `[b]`: valid items drawn uniformly; `start` is a time index."""
         lo, n = self.valid_window(self._written(state))
-        key_item, key_row = jax.random.split(rng_key)
-        k = jax.random.randint(key_item, (b,), 0, jnp.maximum(n, 1))
-        row = jax.random.randint(key_row, (b,), 0, self.add_batch_size)
-        return row, (lo + k * self.period) % self.max_length_time_axis
+        n = jnp.maximum(n, 1)
+        # One draw over all (row, item) pairs (every row holds the same n valid items): half
+        # the random numbers of a draw per axis, the same distribution.
+        j = jax.random.randint(rng_key, (b,), 0, n * self.add_batch_size)
+        return j // n, (lo + j % n * self.period) % self.max_length_time_axis
 
     def gather(self, experience: PyTree, row: Array, start: Array) -> PyTree:
         """Sequences `[b, L, *item_shape]` of rows `row` `[b]` from time indices `start` `[b]`."""
