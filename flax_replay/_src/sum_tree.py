@@ -17,10 +17,12 @@ descent only enters children with a positive value).
 Batched writes cost O(B * branching * depth) row reads and scatters, and the few levels
 near the root that have fewer nodes than a batch reads are recomputed whole (contiguous
 reductions); no O(N) work. Duplicate leaf indices in one write: the last occurrence wins, on
-every backend. Levels are visited by a loop over the depth (one compiled body); there is no
-loop over the batch on any backend. A write of at most `SMALL_BATCH` entries (one step added
-to one row) uses dynamic slices in place of gathers and scatters: on XLA:CPU the loop over
-the levels then compiles to one function, and nothing is handed to other threads.
+every backend. There is no loop over the batch on any backend. Sampling and batched writes
+go level by level, reading each level through a static slice of itself, so that XLA:CPU costs
+a read by the level and not by the whole array (it splits operations on large arrays across
+threads). A write of at most `SMALL_BATCH` entries (one step added to one row) uses dynamic
+slices in a loop over the levels instead of gathers and scatters: XLA:CPU then compiles the
+loop into one function, and nothing is handed to other threads.
 """
 
 from __future__ import annotations
