@@ -12,6 +12,8 @@ from scipy import stats
 
 import flax_replay as fbx
 
+from one_row import add_steps, leaf_values, one_row_buffer
+
 ALPHA = 0.6
 ROWS, T = 2, 24  # make_prioritised_flat_buffer(max_length=48, add_batch_size=2)
 DRAWS = 2000  # sample calls per chi-square test, of 32 each
@@ -182,21 +184,6 @@ def test_importance_weights_buffer_and_batch():
 
 
 # ------------------------------------------------------------- stale and invalid updates
-def one_row_buffer():
-    # One row, T = 16, items of 2 steps; alpha = 0.5 (as in test_sum_tree: shared shapes).
-    return fbx.make_prioritised_flat_buffer(max_length=16, min_length=1, sample_batch_size=4,
-                                            priority_exponent=0.5)
-
-
-def leaf_values(buffer, state):
-    n = buffer.core.num_items
-    return np.asarray(state.priority_state.sum_tree[-n:])
-
-
-def add_steps(buffer, state, ts):
-    for t in ts:
-        state = buffer.add(state, {"x": jnp.float32(t)})
-    return state
 
 
 def test_stale_updates_are_ignored_and_fresh_ones_apply():

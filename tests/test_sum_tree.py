@@ -14,6 +14,8 @@ from jax.extend.core import jaxprs_in_params
 import flax_replay as fbx
 from flax_replay._src import sum_tree
 
+from one_row import add_steps, one_row_buffer
+
 
 # ----------------------------------------------------------------------------------- helpers
 _update = jax.jit(sum_tree.update, static_argnums=(1, 5))
@@ -231,19 +233,6 @@ def test_small_and_batched_writes_agree_with_a_reference(fused):
         assert_parents_are_children_reductions(mins, geo, "min")
         assert float(sums[0]) == pytest.approx(float(expected.astype(np.float64).sum()),
                                                rel=1e-6)
-
-
-def one_row_buffer():
-    """One row of 16 steps, items of 2 steps, alpha = 0.5 (the same shapes as the one-row
-    buffer of test_prioritised_sampling, so eager calls share compiled ops)."""
-    return fbx.make_prioritised_flat_buffer(max_length=16, min_length=1, sample_batch_size=4,
-                                            priority_exponent=0.5)
-
-
-def add_steps(buf, state, ts):
-    for t in ts:
-        state = buf.add(state, {"x": jnp.float32(t)})
-    return state
 
 
 def test_set_priorities_duplicates_last_wins():
