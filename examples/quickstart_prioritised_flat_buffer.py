@@ -92,14 +92,20 @@ def functional() -> np.ndarray:
     return np.asarray(batch.indices)
 
 
-def linen() -> np.ndarray:
-    """The same steps with the buffer as Linen state."""
+def setup():
+    """The notebook's buffer, fake timestep and fake batch, for the module views below."""
     buffer = fbx.make_prioritised_n_step_buffer(
         max_length, min_length, sample_batch_size, add_sequences, add_batch_size, priority_exponent
     )
     fake_timestep = {"obs": jnp.array([5, 4]), "reward": jnp.array(1.0)}
     fake_batch = jax.tree.map(lambda x: jnp.stack([x + i for i in range(add_batch_size)]),
                               fake_timestep)
+    return buffer, fake_timestep, fake_batch
+
+
+def linen() -> np.ndarray:
+    """The same steps with the buffer as Linen state."""
+    buffer, fake_timestep, fake_batch = setup()
     replay = fbx.linen.ReplayBuffer(buffer=buffer, experience=fake_timestep)
     variables = replay.init(jax.random.PRNGKey(0))  # {"replay": ..., "priorities": ...}
     for _ in range(2):
@@ -129,12 +135,7 @@ def linen() -> np.ndarray:
 
 def nnx_module() -> np.ndarray:
     """The same steps with the buffer as NNX state, updated in place."""
-    buffer = fbx.make_prioritised_n_step_buffer(
-        max_length, min_length, sample_batch_size, add_sequences, add_batch_size, priority_exponent
-    )
-    fake_timestep = {"obs": jnp.array([5, 4]), "reward": jnp.array(1.0)}
-    fake_batch = jax.tree.map(lambda x: jnp.stack([x + i for i in range(add_batch_size)]),
-                              fake_timestep)
+    buffer, fake_timestep, fake_batch = setup()
     replay = fbx.nnx.ReplayBuffer(buffer, fake_timestep)
 
     @nnx.jit(donate_argnums=0)  # donated: the storage is written in place
