@@ -19,13 +19,7 @@ from flax_replay._src.buffers import (
     NStepTransition,
     PrioritisedBuffer,
 )
-from flax_replay._src.core import (
-    PrioritisedSample,
-    PrioritisedTrajectoryBufferState,
-    PriorityState,
-    Sample,
-    TrajectoryBufferState,
-)
+from flax_replay._src.core import Sample, TrajectoryBufferState
 from flax_replay._src.factories import (
     make_flat_buffer,
     make_item_buffer,
@@ -39,6 +33,12 @@ from flax_replay._src.factories import (
 )
 from flax_replay._src.mixer import Mixer, make_mixer
 from flax_replay._src.nnx import Priorities, Replay
+from flax_replay._src.priorities import (
+    PrioritisedSample,
+    PrioritisedTrajectoryBufferState,
+    PriorityOptions,
+    PriorityState,
+)
 from flax_replay._src.queue import TrajectoryQueue, TrajectoryQueueState
 from flax_replay._src.sharding import ShardedBuffer, shard
 from flax_replay._src.state import from_collections, to_collections
@@ -58,6 +58,7 @@ __all__ = [
     "Sample", "PrioritisedSample", "TrajectoryBufferSample", "TransitionSample",
     "PrioritisedTrajectoryBufferSample", "PrioritisedTransitionSample",
     "TrajectoryBufferState", "PrioritisedTrajectoryBufferState", "PriorityState",
+    "PriorityOptions",
     "TrajectoryQueueState", "Replay", "Priorities",
     "make_flat_buffer", "make_trajectory_buffer", "make_item_buffer", "make_trajectory_queue",
     "make_prioritised_flat_buffer", "make_prioritised_trajectory_buffer",

@@ -122,7 +122,7 @@ def test_views_give_the_same_errors():
     assert not any(x.is_deleted() for x in jax.tree.leaves(nnx.state(m)))
     assert_trees_equal(nnx.state(m), before)
     # NNX has no default key stream: sampling without one says so.
-    with pytest.raises(ValueError, match="sample: pass rng"):
+    with pytest.raises(ValueError, match="sample: pass rng_key"):
         m.sample()
 
 

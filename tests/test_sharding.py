@@ -313,7 +313,7 @@ def test_global_sampling_matches_single_device(mesh, skewed, prioritised):
     if prioritised:
         leaves = np.asarray(sum_tree.leaves(ref.priority_state.sum_tree, core.tree_geometry))
     else:
-        lo, count = core.valid_window(core._written(ref))
+        lo, count = core.valid_window(core.written(ref))
         starts = (int(lo) + np.arange(int(count))) % T
         leaves = np.zeros(n)
         leaves[(np.arange(R)[:, None] * slots + starts).reshape(-1)] = 1.0

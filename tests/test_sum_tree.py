@@ -192,10 +192,6 @@ def test_duplicate_indices_last_occurrence_wins():
                          (jnp.asarray(value),), jnp.asarray(mask), ("sum",))
         np.testing.assert_array_equal(sum_tree.leaves(sums, geo), expected)
         assert_parents_are_children_reductions(sums, geo, "sum")
-    np.testing.assert_array_equal(
-        sum_tree.last_occurrence(jnp.array([3, 5, 3, 3, 5, 7])),
-        [False, False, False, True, True, True],
-    )
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Callable, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 from flax_replay._src import checks
-from flax_replay._src.core import PrioritisedSample, Sample, TrajectoryCore
-
-PyTree = Any
-Array = jax.Array
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.priorities import (
+    PrioritisedCore,
+    PrioritisedSample,
+    PrioritisedTrajectoryBufferState,
+)
+from flax_replay._src.typing import Array, Layout, PyTree
 
 
 class ExperiencePair(NamedTuple):
@@ -172,22 +175,26 @@ class Buffer:
     """A uniform buffer: `init`, `add`, `sample`, `can_sample`, pure functions of the state."""
 
     core: TrajectoryCore
-    layout: Any
+    layout: Layout
+    # The trajectory queue's `sample` consumes (returns a new state); a buffer's never does.
+    consumes_samples: ClassVar[bool] = False
 
-    def init(self, experience: PyTree):
+    def init(self, experience: PyTree) -> TrajectoryBufferState:
         """Empty state for experience shaped like `experience` (one step, no batch axes)."""
         return self.core.init(experience)
 
-    def add(self, state, batch: PyTree):
+    def add(self, state: TrajectoryBufferState, batch: PyTree) -> TrajectoryBufferState:
         """New state with `batch` written; the batch's axes are given by the layout."""
         return self.core.add(state, self.layout.to_rows(batch, state.experience, self.core))
 
-    def sample(self, state, rng_key: Array, batch_size: Optional[int] = None):
+    def sample(self, state: TrajectoryBufferState, rng_key: Array,
+               batch_size: Optional[int] = None) -> Sample:
         """A sample of `batch_size` (default `sample_batch_size`) items."""
         s = self.core.sample(state, rng_key, batch_size)
         return s.replace(experience=self.layout.from_sequences(s.experience))
 
-    def can_sample(self, state) -> Array:
+    def can_sample(self, state: TrajectoryBufferState) -> Array:
+        """bool `[]`: whether `sample` may be called."""
         return self.core.can_sample(state)
 
 
@@ -195,8 +202,11 @@ class Buffer:
 class PrioritisedBuffer(Buffer):
     """A prioritised buffer: a `Buffer` with `set_priorities` and `importance_weights`."""
 
-    def set_priorities(self, state, indices: Array | PrioritisedSample, priorities: Array,
-                       versions: Optional[Array] = None):
+    core: PrioritisedCore
+
+    def set_priorities(self, state: PrioritisedTrajectoryBufferState,
+                       indices: Array | PrioritisedSample, priorities: Array,
+                       versions: Optional[Array] = None) -> PrioritisedTrajectoryBufferState:
         """Sets raw priorities `[B]` at `indices` `[B]` (`batch.indices`).
 
         Passing the sample itself in place of `indices` also passes its `versions`, so updates
@@ -206,8 +216,10 @@ class PrioritisedBuffer(Buffer):
             indices, versions = indices.indices, indices.versions
         return self.core.set_priorities(state, indices, priorities, versions)
 
-    def importance_weights(self, state, sample: PrioritisedSample, beta: float | Array = 0.4,
+    def importance_weights(self, state: PrioritisedTrajectoryBufferState,
+                           sample: PrioritisedSample, beta: float | Array = 0.4,
                            normalise: str = "buffer") -> Array:
+        """`[B]` importance weights of `sample` (see `PrioritisedCore.importance_weights`)."""
         return self.core.importance_weights(state, sample, beta, normalise)
 
 

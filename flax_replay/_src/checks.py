@@ -2,9 +2,9 @@
 
 Checks on shapes, dtypes and tree structure are static, so they run at trace time and raise
 `ValueError` before anything is written. Checks on *values* (can we sample, is a priority
-finite) raise `ValueError` when the inputs are concrete (eager calls) and become
-`checkify.debug_check`s under a transformation: free under plain `jax.jit` (see
-`_make_silent_check`), and raised by `checkify.checkify(f, errors=checkify.user_checks)`.
+finite) raise `ValueError` when the inputs are concrete (eager calls); under a
+transformation they are checks that `checkify.checkify(f, errors=checkify.user_checks)`
+raises and that plain `jax.jit` drops (see `_make_silent_check`).
 """
 
 from __future__ import annotations
@@ -105,18 +105,19 @@ def value_check(pred: jax.Array, message: str, **fmt: Any) -> None:
 
 
 # `checkify.debug_check` gives the jaxpr an error *effect* even when no checkify transform is
-# applied, and JAX dispatches a jitted function with effects through its Python path: every
-# call of a plain `jax.jit(buffer.sample)` then costs tens to hundreds of microseconds more
-# (the sample itself costs a few). This primitive is the same check without the effect: plain
-# jit drops it (dead code, no effect) and keeps the fast C++ dispatch, and `checkify`
-# discharges it exactly like `debug_check` (same error type, message and payload). It uses
-# JAX internals (jax._src.checkify); if they move, `value_check` falls back to `debug_check`.
+# applied, and JAX dispatches a jitted function with effects through its slower Python path
+# (tens to hundreds of microseconds a call; the sample itself costs a few). This primitive is
+# the same check without the effect: plain jit drops it, and `checkify` discharges it exactly
+# like `debug_check` (same error type, message and payload). It is built on JAX internals
+# (jax._src.checkify); if they move, `value_check` falls back to `debug_check`, and
+# tests/test_checks.py fails so that the loss of the fast path is noticed.
 def _make_silent_check():
     try:
         from jax._src import checkify as ck
         from jax._src import core
         from jax._src.interpreters import ad, batching, mlir
 
+        reduce_any = ck._reduce_any_error  # looked up now: a missing name fails here
         prim = core.Primitive("flax_replay_debug_check")
         prim.multiple_results = True  # zero results
         prim.def_impl(lambda *args, err_tree, debug: [])
@@ -126,7 +127,7 @@ def _make_silent_check():
         def batch(args, dims, *, err_tree, debug):
             size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
             args = [batching.bdim_at_front(x, d, size) for x, d in zip(args, dims)]
-            error = ck._reduce_any_error(jax.tree_util.tree_unflatten(err_tree, args))
+            error = reduce_any(jax.tree_util.tree_unflatten(err_tree, args))
             flat, tree = jax.tree_util.tree_flatten(error)
             prim.bind(*flat, err_tree=tree, debug=debug)
             return [], []
@@ -138,15 +139,18 @@ def _make_silent_check():
         batching.primitive_batchers[prim] = batch
         ad.primitive_jvps[prim] = jvp
         ck.error_checks[prim] = ck.check_discharge_rule
+        # Everything `check` needs, looked up now, so that a missing name fails here.
+        failed, traceback, assert_func, init_error = (
+            ck.FailedCheckError, ck.get_traceback, ck.assert_func, ck.init_error)
 
         def check(pred, message, **fmt):
-            error = ck.FailedCheckError(ck.get_traceback(), message, **fmt)
-            error = ck.assert_func(ck.init_error, jnp.logical_not(pred), error)
+            error = failed(traceback(), message, **fmt)
+            error = assert_func(init_error, jnp.logical_not(pred), error)
             flat, tree = jax.tree_util.tree_flatten(error)
             prim.bind(*flat, err_tree=tree, debug=True)
 
         return prim, check
-    except Exception:  # noqa: BLE001 - any change of the internals: use the public API
+    except (ImportError, AttributeError, TypeError):  # the internals moved: public API
         return None, None
 
 
@@ -154,8 +158,13 @@ _silent_check_p, _silent_debug_check = _make_silent_check()
 
 
 def positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int, or a ValueError naming `name` unless it is an int >= `minimum`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def non_negative_int(name: str, value: Any) -> int:
+    return positive_int(name, value, 0)

@@ -21,22 +21,48 @@ from flax_replay._src.buffers import (
     TransitionLayout,
 )
 from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.priorities import PrioritisedCore, PriorityOptions
 from flax_replay._src.queue import TrajectoryQueue
 
 _DEVICES = ("cpu", "gpu", "tpu")
 
 
-def _prioritised_options(priority_exponent: float, device: str, sampling: str,
-                         branching: int) -> None:
-    if not 0.0 <= float(priority_exponent) <= 1.0:
-        raise ValueError(f"priority_exponent must be in [0, 1], got {priority_exponent}")
+# ------------------------------------------------------------------------------ shared checks
+def _priority_options(priority_exponent: float, device: str, sampling: str, branching: int,
+                      ignore_stale_priorities: bool) -> PriorityOptions:
+    """The options every prioritised factory takes, checked once."""
     if device not in _DEVICES:
         # Flashbax warns and falls back to "cpu"; the argument changes nothing here (the same
         # code is fast on every backend), so it is accepted for compatibility only.
         warnings.warn(f"device={device!r} is not one of {_DEVICES}; it is ignored", stacklevel=3)
-    if sampling not in ("stratified", "independent"):
-        raise ValueError(f"sampling must be 'stratified' or 'independent', got {sampling!r}")
-    checks.positive_int("branching", branching, 2)
+    return PriorityOptions(priority_exponent, sampling, branching, ignore_stale_priorities)
+
+
+def _make_core(options: Optional[PriorityOptions], **fields: int) -> TrajectoryCore:
+    """A uniform core, or a prioritised one when `options` are given."""
+    if options is None:
+        return TrajectoryCore(**fields)
+    return PrioritisedCore(**fields, options=options)
+
+
+def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
+               add_batch_size: int, *, max_size_overrides: bool = False,
+               stacklevel: int = 4) -> int:
+    """`max_length_time_axis`, or `max_size // add_batch_size` when `max_size` is given (as
+    Flashbax: both at once is an error, except for the queue, where `max_size` wins)."""
+    if max_size is not None and max_length_time_axis is not None and not max_size_overrides:
+        raise ValueError("Cannot specify both `max_size` and `max_length_time_axis` arguments.")
+    if max_size is None and max_length_time_axis is None:
+        raise ValueError("One of `max_size` or `max_length_time_axis` must be given.")
+    if max_size is not None:
+        checks.positive_int("max_size", max_size)
+        max_length_time_axis = max_size // add_batch_size
+        warnings.warn(
+            f"Setting max_size sets max_length_time_axis to max_size // add_batch_size = "
+            f"{max_length_time_axis}.",
+            stacklevel=stacklevel,  # the user's call of the factory
+        )
+    return checks.positive_int("max_length_time_axis", max_length_time_axis)
 
 
 def _trajectory_core(
@@ -47,26 +73,14 @@ def _trajectory_core(
     min_length_time_axis: int,
     max_size: Optional[int],
     max_length_time_axis: Optional[int],
-    **prioritised,
+    options: Optional[PriorityOptions] = None,
 ) -> TrajectoryCore:
     checks.positive_int("add_batch_size", add_batch_size)
     checks.positive_int("sample_batch_size", sample_batch_size)
     checks.positive_int("sample_sequence_length", sample_sequence_length)
     checks.positive_int("period", period)
-    checks.positive_int("min_length_time_axis", min_length_time_axis, 0)
-    if max_size is not None and max_length_time_axis is not None:
-        raise ValueError("Cannot specify both `max_size` and `max_length_time_axis` arguments.")
-    if max_size is None and max_length_time_axis is None:
-        raise ValueError("One of `max_size` or `max_length_time_axis` must be given.")
-    if max_size is not None:
-        checks.positive_int("max_size", max_size)
-        max_length_time_axis = max_size // add_batch_size
-        warnings.warn(
-            f"Setting max_size sets max_length_time_axis to max_size // add_batch_size = "
-            f"{max_length_time_axis}.",
-            stacklevel=3,
-        )
-    checks.positive_int("max_length_time_axis", max_length_time_axis)
+    checks.non_negative_int("min_length_time_axis", min_length_time_axis)
+    max_length_time_axis = _time_axis(max_size, max_length_time_axis, add_batch_size)
     if sample_sequence_length > min_length_time_axis:
         warnings.warn(
             f"sample_sequence_length ({sample_sequence_length}) is greater than "
@@ -107,21 +121,22 @@ def _trajectory_core(
             f"max_length_time_axis - period + 1 = {max_length_time_axis - period + 1}, so that "
             "a full buffer always holds a sequence that starts on the period grid."
         )
-    return TrajectoryCore(
+    return _make_core(
+        options,
         add_batch_size=add_batch_size,
         max_length_time_axis=max_length_time_axis,
         min_length_time_axis=min_length_time_axis,
         sample_batch_size=sample_batch_size,
         sample_sequence_length=sample_sequence_length,
         period=period,
-        **prioritised,
     )
 
 
 def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
-               add_batch_size: Optional[int], n_step: int, **prioritised) -> TrajectoryCore:
+               add_batch_size: Optional[int], n_step: int,
+               options: Optional[PriorityOptions] = None) -> TrajectoryCore:
     checks.positive_int("max_length", max_length)
-    checks.positive_int("min_length", min_length, 0)
+    checks.non_negative_int("min_length", min_length)
     checks.positive_int("sample_batch_size", sample_batch_size)
     checks.positive_int("n_step", n_step)
     rows = 1 if add_batch_size is None else checks.positive_int("add_batch_size", add_batch_size)
@@ -142,21 +157,21 @@ def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
         raise ValueError(
             f"n_step ({n_step}) must be below max_length // add_batch_size ({time_axis})"
         )
-    return TrajectoryCore(
+    return _make_core(
+        options,
         add_batch_size=rows,
         max_length_time_axis=time_axis,
         min_length_time_axis=max(min_length // rows + 1, n_step + 1),
         sample_batch_size=sample_batch_size,
         sample_sequence_length=n_step + 1,
         period=1,
-        **prioritised,
     )
 
 
 def _item_core(max_length: int, min_length: int, sample_batch_size: int,
-               **prioritised) -> TrajectoryCore:
+               options: Optional[PriorityOptions] = None) -> TrajectoryCore:
     checks.positive_int("max_length", max_length)
-    checks.positive_int("min_length", min_length, 0)
+    checks.non_negative_int("min_length", min_length)
     checks.positive_int("sample_batch_size", sample_batch_size)
     if sample_batch_size > max_length:
         raise ValueError(
@@ -166,14 +181,14 @@ def _item_core(max_length: int, min_length: int, sample_batch_size: int,
     if min_length > max_length:
         raise ValueError(f"min_length ({min_length}) cannot be larger than max_length "
                          f"({max_length}).")
-    return TrajectoryCore(
+    return _make_core(
+        options,
         add_batch_size=1,
         max_length_time_axis=max_length,
         min_length_time_axis=max(min_length, 1),
         sample_batch_size=sample_batch_size,
         sample_sequence_length=1,
         period=1,
-        **prioritised,
     )
 
 
@@ -251,15 +266,8 @@ def make_trajectory_queue(
     checks.positive_int("add_batch_size", add_batch_size)
     checks.positive_int("add_sequence_length", add_sequence_length)
     checks.positive_int("sample_sequence_length", sample_sequence_length)
-    if max_size is not None:
-        checks.positive_int("max_size", max_size)
-        max_length_time_axis = max_size // add_batch_size
-        warnings.warn(
-            f"Setting max_size sets max_length_time_axis to max_size // add_batch_size = "
-            f"{max_length_time_axis}.",
-            stacklevel=2,
-        )
-    checks.positive_int("max_length_time_axis", max_length_time_axis)
+    max_length_time_axis = _time_axis(max_size, max_length_time_axis, add_batch_size,
+                                      max_size_overrides=True, stacklevel=3)
     if sample_sequence_length > max_length_time_axis:
         raise ValueError(
             f"`sample_sequence_length` ({sample_sequence_length}) must be less than or equal "
@@ -295,12 +303,10 @@ def make_prioritised_trajectory_buffer(
     `sampling`: "stratified" (one draw per equal slice of the total, as Flashbax) or
     "independent" (i.i.d. draws). `branching`: children per sum-tree node.
     """
-    _prioritised_options(priority_exponent, device, sampling, branching)
-    core = _trajectory_core(
-        add_batch_size, sample_batch_size, sample_sequence_length, period, min_length_time_axis,
-        max_size, max_length_time_axis, priority_exponent=float(priority_exponent),
-        sampling=sampling, branching=branching, ignore_stale_priorities=ignore_stale_priorities,
-    )
+    options = _priority_options(priority_exponent, device, sampling, branching,
+                                ignore_stale_priorities)
+    core = _trajectory_core(add_batch_size, sample_batch_size, sample_sequence_length, period,
+                            min_length_time_axis, max_size, max_length_time_axis, options)
     return PrioritisedBuffer(core, TrajectoryLayout())
 
 
@@ -318,10 +324,9 @@ def make_prioritised_flat_buffer(
     ignore_stale_priorities: bool = True,
 ) -> PrioritisedBuffer:
     """A prioritised flat buffer (PER, Schaul et al. 2015)."""
-    _prioritised_options(priority_exponent, device, sampling, branching)
-    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1,
-                      priority_exponent=float(priority_exponent), sampling=sampling,
-                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+    options = _priority_options(priority_exponent, device, sampling, branching,
+                                ignore_stale_priorities)
+    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1, options)
     return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
 
 
@@ -339,10 +344,9 @@ def make_prioritised_item_buffer(
     ignore_stale_priorities: bool = True,
 ) -> PrioritisedBuffer:
     """Prioritised independent items."""
-    _prioritised_options(priority_exponent, device, sampling, branching)
-    core = _item_core(max_length, min_length, sample_batch_size,
-                      priority_exponent=float(priority_exponent), sampling=sampling,
-                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+    options = _priority_options(priority_exponent, device, sampling, branching,
+                                ignore_stale_priorities)
+    core = _item_core(max_length, min_length, sample_batch_size, options)
     return PrioritisedBuffer(core, ItemLayout(add_batches, add_sequences))
 
 
@@ -368,10 +372,10 @@ def make_prioritised_n_step_buffer(
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
     add_batch_size, priority_exponent, n_step=3)`."""
-    _prioritised_options(priority_exponent, device, sampling, branching)
+    options = _priority_options(priority_exponent, device, sampling, branching,
+                                ignore_stale_priorities)
     core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, n_step,
-                      priority_exponent=float(priority_exponent), sampling=sampling,
-                      branching=branching, ignore_stale_priorities=ignore_stale_priorities)
+                      options)
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return PrioritisedBuffer(
         core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)

@@ -6,7 +6,7 @@
     sample = buf.apply(variables, key, method="sample")          # no mutation needed
 
 Every method reads the variables into the state dataclass, calls the pure function of the
-buffer definition, and writes the result back: no logic lives here.
+buffer definition, and writes the result back (`views.ViewMethods`): no logic lives here.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import flax.linen as nn
 import jax
 from flax.core import FrozenDict, unfreeze
 
-from flax_replay._src.queue import TrajectoryQueue
 from flax_replay._src.state import COLLECTIONS, from_collections, to_collections
-
-PyTree = Any
+from flax_replay._src.typing import Array, Axis, PyTree
+from flax_replay._src.views import ViewMethods
 
 
 def _example(experience: PyTree) -> PyTree:
@@ -28,7 +27,7 @@ def _example(experience: PyTree) -> PyTree:
     return unfreeze(experience) if isinstance(experience, FrozenDict) else experience
 
 
-class ReplayBuffer(nn.Module):
+class ReplayBuffer(ViewMethods, nn.Module):
     """A replay buffer as Linen state.
 
     Attributes:
@@ -40,7 +39,7 @@ class ReplayBuffer(nn.Module):
 
     buffer: Any
     experience: Any
-    partition: Optional[Any] = None
+    partition: Optional[Axis] = None
 
     def setup(self) -> None:
         example = _example(self.experience)
@@ -51,7 +50,7 @@ class ReplayBuffer(nn.Module):
                 cache["cols"] = to_collections(self.buffer.init(example))
             value = cache["cols"][col][name]
             if self.partition is not None:
-                from flax_replay._src.sharding import box_linen
+                from flax_replay._src.layout import box_linen
 
                 value = box_linen(col, name, value, self.partition)
             return value
@@ -64,21 +63,23 @@ class ReplayBuffer(nn.Module):
             if col in abstract
         }
 
-    # ------------------------------------------------------------------------------ state
-    def state(self):
+    def state(self) -> Any:
         """The buffer state dataclass (what the functional API works on)."""
         return from_collections(
             self._state_type,
             {col: {n: v.value for n, v in vs.items()} for col, vs in self._vars.items()},
         )
 
-    def _write(self, state, collections: tuple[str, ...] = COLLECTIONS) -> None:
+    def _write(self, state: Any, collections: tuple[str, ...] = COLLECTIONS) -> None:
         cols = to_collections(state)
         for col, vs in self._vars.items():
             if col not in collections:
                 continue  # untouched collections may be immutable in this apply
             for name, var in vs.items():
                 var.value = cols[col][name]
+
+    def _default_key(self) -> Array:
+        return self.make_rng("replay")
 
     def __call__(self, batch: Optional[PyTree] = None) -> None:
         """`init(key)` creates the empty buffer; `apply(v, batch, mutable=...)` adds."""
@@ -87,33 +88,17 @@ class ReplayBuffer(nn.Module):
         else:
             self.add(batch)
 
-    # ---------------------------------------------------------------------------- methods
     def add(self, batch: PyTree) -> None:
         """Writes `batch` (needs `mutable=["replay", "priorities"]`, or `["replay"]`)."""
         if self.is_initializing():
             return  # `init(key, batch)` only creates the empty buffer
-        self._write(self.buffer.add(self.state(), batch))
+        ViewMethods.add(self, batch)
 
-    def sample(self, rng_key: Optional[jax.Array] = None, batch_size: Optional[int] = None):
-        """A sample; `rng_key` defaults to `self.make_rng("replay")`. The queue consumes what it
-        returns, so its `sample` needs `mutable=["replay"]`."""
-        if isinstance(self.buffer, TrajectoryQueue):
-            state, out = self.buffer.sample(self.state())
-            self._write(state, ("replay",))
-            return out
-        key = self.make_rng("replay") if rng_key is None else rng_key
-        return self.buffer.sample(self.state(), key, batch_size)
-
-    def can_sample(self) -> jax.Array:
-        return self.buffer.can_sample(self.state())
-
-    def can_add(self) -> jax.Array:
-        return self.buffer.can_add(self.state())
-
-    def set_priorities(self, indices, priorities, versions=None) -> None:
-        """Needs `mutable=["priorities"]`; pass the sample as `indices` to drop stale updates."""
-        state = self.buffer.set_priorities(self.state(), indices, priorities, versions)
-        self._write(state, ("priorities",))
-
-    def importance_weights(self, sample, beta=0.4, normalise: str = "buffer") -> jax.Array:
-        return self.buffer.importance_weights(self.state(), sample, beta, normalise)
+    # Linen gives scopes (and runs `setup`) only to methods a module class defines itself:
+    # the shared methods are bound here by name.
+    sample = ViewMethods.sample
+    can_sample = ViewMethods.can_sample
+    can_add = ViewMethods.can_add
+    set_priorities = ViewMethods.set_priorities
+    importance_weights = ViewMethods.importance_weights
+    set_state = ViewMethods.set_state

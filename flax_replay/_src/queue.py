@@ -8,7 +8,7 @@ holds `(write_index - read_index) mod T` steps per row (T when `is_full`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +16,7 @@ from flax import struct
 
 from flax_replay._src import checks
 from flax_replay._src.core import Sample, empty_storage
-
-PyTree = Any
-Array = jax.Array
+from flax_replay._src.typing import Array, PyTree
 
 
 @struct.dataclass
@@ -44,6 +42,8 @@ class TrajectoryQueue:
     add_batch_size: int
     add_sequence_length: int
     sample_sequence_length: int
+    # `sample` reads and removes: it returns `(state, sample)` and takes no key.
+    consumes_samples: ClassVar[bool] = True
 
     def init(self, experience: PyTree) -> TrajectoryQueueState:
         r, t = self.add_batch_size, self.max_length_time_axis

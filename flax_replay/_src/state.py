@@ -3,8 +3,9 @@
     "replay":     experience, current_index, is_full (+ running_index; queue: write/read_index)
     "priorities": sum_tree, min_tree, max_priority   (prioritised buffers only)
 
-This is the only place that knows it: the Linen and NNX views, the TrainState and the
-checkpoint helpers all go through `to_collections` / `from_collections`.
+This is the only place that knows it: the Linen and NNX views and the sharded layout go
+through `to_collections` / `from_collections`; a `TrainState` and a checkpoint hold the
+collections as they are.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from flax_replay._src.core import PriorityState
+from flax_replay._src.priorities import PriorityState
 
 REPLAY = "replay"
 PRIORITIES = "priorities"

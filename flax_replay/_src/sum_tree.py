@@ -4,25 +4,20 @@ Layout: one flat float32 array per tree holding every level, root first. A node 
 `branching` children, stored contiguously, so the children of a node are one row read. Every
 level below the root is padded to a multiple of the branching with nodes holding the
 reduction's identity (0 for sums, +inf for mins), so every family is a full row. The default
-branching, 4 (10 levels below the root for 10^6 leaves instead of 20), was the fastest of 4,
-8, 16 and 32 on CPU for both sampling and updates: the work per level grows linearly with the
-branching, the depth only shrinks logarithmically, and a row of 4 floats never spans more
-than two cache lines (benchmarks/README.md).
+branching is 4 (10 levels below the root for 10^6 leaves): the fastest measured at 10^6
+leaves; 8 is faster at 10^4 (benchmarks/README.md).
 
 Exactness: after leaves are written, every ancestor is *recomputed from its children*, level by
 level, never adjusted by a delta. The stored parents are therefore always the float32 sums
 of their stored children, whatever the history, and a zero leaf can never be reached (the
 descent only enters children with a positive value).
 
-Batched writes cost O(B * branching * depth) row reads and scatters, and the few levels
-near the root that have fewer nodes than a batch reads are recomputed whole (contiguous
-reductions); no O(N) work. Duplicate leaf indices in one write: the last occurrence wins, on
-every backend. There is no loop over the batch on any backend. Sampling and batched writes
-go level by level, reading each level through a static slice of itself, so that XLA:CPU costs
-a read by the level and not by the whole array (it splits operations on large arrays across
-threads). A write of at most `SMALL_BATCH` entries (one step added to one row) uses dynamic
-slices in a loop over the levels instead of gathers and scatters: XLA:CPU then compiles the
-loop into one function, and nothing is handed to other threads.
+Cost: a batched write of B leaves reads and writes O(B * branching * depth) nodes, and
+recomputes whole only the few levels near the root that are smaller than what the batch
+reads; no O(N) work and no loop over the batch. Duplicate leaf indices in one write: the
+last occurrence wins, on every backend. Why the levels are visited as they are (static
+slices, unrolled, a separate path for one or two entries) is measured in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -87,18 +82,6 @@ def get(tree: jax.Array, geo: Geometry, index: jax.Array) -> jax.Array:
     return tree[geo.offsets[-1] + index]
 
 
-def last_occurrence(index: jax.Array) -> jax.Array:
-    """`[B]` bool: True where no later entry of `index` has the same value.
-
-    A stable sort groups equal indices in their original order; the last of each group wins.
-    O(B log B), deterministic on every backend (unlike a scatter with duplicate indices).
-    """
-    order = jnp.argsort(index, stable=True)
-    sorted_index = index[order]
-    is_last_sorted = jnp.append(sorted_index[1:] != sorted_index[:-1], True)
-    return jnp.zeros_like(is_last_sorted).at[order].set(is_last_sorted)
-
-
 def _rows(tree: jax.Array, start: jax.Array, k: int) -> jax.Array:
     """`[B, k]`: `tree[start[b] : start[b] + k]` for each b, one batched row read."""
     return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (s,), (k,)))(start)
@@ -140,7 +123,7 @@ DENSE_FACTOR = 4
 SMALL_BATCH = 2
 
 
-def _levels_loop(geo: Geometry, lo: int, hi: int, body, carry):
+def _levels_loop(lo: int, hi: int, body, carry):
     """Runs `body(d, carry)` for depths d = hi, hi - 1, ..., lo + 1 (d is traced): a loop
     over the levels (never over the batch). With only dynamic slices in its body, XLA:CPU
     compiles the whole loop as one function."""
@@ -231,7 +214,7 @@ def _update_small(trees, geo, index, values, mask, reducers):
         return tuple(write(t, dst, _reduce(read(t, start, k), red))
                      for t, red in zip(trees, reducers)), parent
 
-    trees, _ = _levels_loop(geo, 0, geo.depth, level, (trees, node))
+    trees, _ = _levels_loop(0, geo.depth, level, (trees, node))
     return trees
 
 
@@ -364,5 +347,6 @@ def sample(tree: jax.Array, geo: Geometry, targets: jax.Array) -> jax.Array:
     return sample_with_values(tree, geo, targets)[0]
 
 
-def total(tree: jax.Array) -> jax.Array:
+def root(tree: jax.Array) -> jax.Array:
+    """The root: the total of a sum tree, the smallest leaf of a min tree."""
     return tree[0]

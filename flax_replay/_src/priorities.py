@@ -1,0 +1,296 @@
+"""Prioritised sampling on the storage core: a sum tree (and a min tree) with one leaf per
+item slot, `leaf = row * slots_per_row + slot`.
+
+A leaf holds `priority ** priority_exponent` for a valid item and 0 otherwise. An add zeroes
+the leaves of the items its write broke and gives the items it completed the largest
+priority set so far (at least 1); `set_priorities` writes leaves of currently valid items
+only. An item is drawn with probability `leaf / total`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from flax_replay._src import checks, sum_tree
+from flax_replay._src.core import TrajectoryCore, floor_div
+from flax_replay._src.typing import Array, PyTree
+
+SAMPLING_MODES = ("stratified", "independent")
+
+
+@struct.dataclass
+class PriorityState:
+    """Collection "priorities": the exact sum tree, the min tree for importance weights, and the
+    largest priority ever set (new items get it).
+
+    sum_tree / min_tree: float32 `[num_nodes]`, flat levels, root first (see `sum_tree`).
+    max_priority: float32 `[]`, raw priority (before the exponent), at least 1.
+    """
+
+    sum_tree: Array
+    min_tree: Array
+    max_priority: Array
+
+
+@struct.dataclass
+class PrioritisedTrajectoryBufferState:
+    """Prioritised buffer state: the uniform fields and `running_index` (int32 `[]`, steps written
+    per row, never wrapped) in "replay"; `priority_state` in "priorities"."""
+
+    experience: PyTree
+    current_index: Array
+    is_full: Array
+    running_index: Array
+    priority_state: PriorityState
+
+
+@struct.dataclass
+class PrioritisedSample:
+    """A prioritised sample.
+
+    experience: leading axis `[B]`.
+    indices: int32 `[B]` sum-tree leaves, for `set_priorities`.
+    priorities: float32 `[B]`, `priority ** priority_exponent` of each item.
+    probabilities: float32 `[B]`, the probability with which each item was drawn.
+    versions: int32 `[B]`, the absolute start time of each item, so that `set_priorities` can
+      ignore updates for slots that were rewritten since this sample was drawn.
+    """
+
+    experience: PyTree
+    indices: Array
+    priorities: Array
+    probabilities: Array
+    versions: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorityOptions:
+    """How a prioritised buffer samples and updates priorities (every prioritised factory).
+
+    priority_exponent: items are drawn with probability proportional to
+      `priority ** priority_exponent`, in [0, 1].
+    sampling: "stratified" (one draw per equal slice of the total, as Flashbax) or
+      "independent" (i.i.d. draws).
+    branching: children per sum-tree node (>= 2).
+    ignore_stale_priorities: `set_priorities` with a sample's versions ignores items
+      rewritten since the sample.
+    """
+
+    priority_exponent: float = 0.6
+    sampling: str = "stratified"
+    branching: int = sum_tree.DEFAULT_BRANCHING
+    ignore_stale_priorities: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.priority_exponent) <= 1.0:
+            raise ValueError(f"priority_exponent must be in [0, 1], got {self.priority_exponent}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"sampling must be 'stratified' or 'independent', got {self.sampling!r}")
+        checks.positive_int("branching", self.branching, 2)
+        # Hashable and exact: a Python float, whatever the user passed (np.float32, int).
+        object.__setattr__(self, "priority_exponent", float(self.priority_exponent))
+
+
+def importance_weights(p: Array, p_min: Array, beta: float | Array,
+                       normalise: str = "buffer") -> Array:
+    """`(p / p_min) ** -beta` (`"buffer"`) or `p ** -beta / max(p ** -beta)` (`"batch"`) for
+    `p` `[B]` proportional to the sampled items' probabilities and `p_min` the smallest
+    positive one in the buffer, in the same units (leaf values, or probabilities)."""
+    w = p ** -beta
+    if normalise == "buffer":
+        return w * p_min ** beta
+    if normalise == "batch":
+        return w / jnp.max(w)
+    raise ValueError(f"normalise must be 'buffer' or 'batch', got {normalise!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrioritisedCore(TrajectoryCore):
+    """The storage core with a sum tree over its item slots (see the module docstring)."""
+
+    options: PriorityOptions = PriorityOptions()
+
+    @property
+    def priority_exponent(self) -> float:
+        return self.options.priority_exponent
+
+    @property
+    def tree_geometry(self) -> sum_tree.Geometry:
+        return sum_tree.geometry(self.num_items, self.options.branching)
+
+    def written(self, state: PrioritisedTrajectoryBufferState) -> Array:
+        return state.running_index
+
+    # --------------------------------------------------------------------------------- init
+    def empty_priorities(self) -> PriorityState:
+        geo = self.tree_geometry
+        return PriorityState(sum_tree=sum_tree.init(geo, 0.0),
+                             min_tree=sum_tree.init(geo, jnp.inf),
+                             max_priority=jnp.ones((), jnp.float32))
+
+    def init(self, experience: PyTree) -> PrioritisedTrajectoryBufferState:
+        base = super().init(experience)
+        return PrioritisedTrajectoryBufferState(
+            experience=base.experience, current_index=base.current_index,
+            is_full=base.is_full, running_index=jnp.zeros((), jnp.int32),
+            priority_state=self.empty_priorities(),
+        )
+
+    # ---------------------------------------------------------------------------------- add
+    def add(self, state, rows: PyTree, what: str = "add"):
+        new = super().add(state, rows, what)
+        a, written = self.steps_in(rows, what), state.running_index
+        return new.replace(running_index=written + a,
+                           priority_state=self.after_add(state.priority_state, written, a))
+
+    def after_add(self, ps: PriorityState, written: Array, a: int) -> PriorityState:
+        """Zero the items a write of `a` steps per row broke, give the items it completed the
+        max priority; `written` counts the steps per row before the write."""
+        p, s_per_row = self.period, self.slots_per_row
+        lo0, n0 = self.valid_window(written)
+        lo1, n1 = self.valid_window(written + a)
+        # Static bound on the items entering (starts in (W - L, W + a - L]) or leaving
+        # (starts in [W - T, W + a - T)) per row: a grid of period p meets an interval
+        # of length a at most ceil(a / p) times.
+        m = min(-(-a // p), s_per_row)
+        j = jnp.arange(m)
+        # Leaving: valid before, start below the new window.
+        n_out = jnp.clip(floor_div(lo1 - lo0, p), 0, n0)
+        s_out = lo0 + j * p
+        # Entering: valid after, start above the old window's last item.
+        first_new = jnp.where(n0 > 0, jnp.maximum(lo1, lo0 + n0 * p), lo1)
+        n_in = jnp.clip(n1 - floor_div(first_new - lo1, p), 0, n1)
+        s_in = first_new + j * p
+        rows = jnp.arange(self.add_batch_size)[:, None] * s_per_row
+        leaf_out = (rows + (s_out % self.max_length_time_axis) // p).reshape(-1)
+        leaf_in = (rows + (s_in % self.max_length_time_axis) // p).reshape(-1)
+        mask_out = jnp.broadcast_to(j < n_out, (self.add_batch_size, m)).reshape(-1)
+        mask_in = jnp.broadcast_to(j < n_in, (self.add_batch_size, m)).reshape(-1)
+        new_leaf = ps.max_priority ** self.priority_exponent
+        # Order matters: an entering item may reuse a leaving item's slot; the last write wins.
+        index = jnp.concatenate([leaf_out, leaf_in])
+        mask = jnp.concatenate([mask_out, mask_in])
+        sums = jnp.concatenate([jnp.zeros_like(leaf_out, jnp.float32),
+                                jnp.full(leaf_in.shape, new_leaf, jnp.float32)])
+        sum_t, min_t = sum_tree.update_sum_min(
+            ps.sum_tree, ps.min_tree, self.tree_geometry, index, sums, mask)
+        return ps.replace(sum_tree=sum_t, min_tree=min_t)
+
+    # ------------------------------------------------------------------------------- sample
+    def can_sample(self, state) -> Array:
+        """bool `[]`: the uniform condition and a positive total priority."""
+        return super().can_sample(state) & (sum_tree.root(state.priority_state.sum_tree) > 0)
+
+    def sample(self, state, rng_key: Array,
+               batch_size: Optional[int] = None) -> PrioritisedSample:  # type: ignore[override]
+        """Draws `batch_size` items with probability `leaf / total`; experience as the uniform
+        core's, plus `indices`, `priorities`, `probabilities`, `versions` `[B]`."""
+        b = self.sample_batch_size if batch_size is None else batch_size
+        self.check_can_sample(state)
+        ps = state.priority_state
+        total = sum_tree.root(ps.sum_tree)
+        leaf, priorities = sum_tree.sample_with_values(
+            ps.sum_tree, self.tree_geometry, self.targets(rng_key, b) * total)
+        return self.sample_at(state, leaf, total, priorities)
+
+    def targets(self, rng_key: Array, b: int) -> Array:
+        """`[b]` points in [0, 1) at which the priorities' CDF is inverted: one per equal
+        stratum ("stratified") or i.i.d. ("independent")."""
+        u = jax.random.uniform(rng_key, (b,), jnp.float32)
+        if self.options.sampling == "stratified":
+            u = (jnp.arange(b, dtype=jnp.float32) + u) / b
+        return u
+
+    def sample_at(self, state, leaf: Array, total: Array,
+                  priorities: Optional[Array] = None) -> PrioritisedSample:
+        """The sample of the items at sum-tree leaves `leaf` `[b]`, drawn with probability
+        `leaf value / total`; `priorities` `[b]`, the leaf values if already read."""
+        row, slot = leaf // self.slots_per_row, leaf % self.slots_per_row
+        if priorities is None:
+            priorities = sum_tree.get(state.priority_state.sum_tree, self.tree_geometry, leaf)
+        return PrioritisedSample(
+            experience=self.gather(state.experience, row, slot * self.period),
+            indices=leaf.astype(jnp.int32),
+            priorities=priorities,
+            probabilities=priorities / total,
+            versions=self.slot_start(slot, self.written(state)).astype(jnp.int32),
+        )
+
+    # ------------------------------------------------------------------------ set_priorities
+    def set_priorities(self, state, indices: Array, priorities: Array,
+                       versions: Optional[Array] = None, mask: Optional[Array] = None):
+        """Sets raw priorities `[B]` (>= 0, finite) of the items at leaf `indices` `[B]`.
+
+        The last occurrence of a duplicated index wins. Updates are ignored (never applied)
+        for items that are not currently valid (their leaf stays 0), and, when `versions` is
+        given and `ignore_stale_priorities` is on, for slots rewritten since the sample.
+        Out-of-range indices and negative / NaN / infinite priorities raise ValueError in an
+        eager call; under `jit` they are `checkify` checks and the entries are ignored, so
+        the tree is never corrupted. Entries where `mask` `[B]` is False are skipped, neither
+        checked nor applied (a shard of a sharded buffer skips the other shards' items).
+        """
+        indices, priorities, versions = self._checked_update(indices, priorities, versions)
+        active = jnp.ones(indices.shape, bool) if mask is None else jnp.asarray(mask, bool)
+        in_range = (indices >= 0) & (indices < self.num_items)
+        good_value = jnp.isfinite(priorities) & (priorities >= 0)
+        checks.value_check(
+            in_range | ~active, "set_priorities: indices must lie in [0, " + str(self.num_items)
+            + "), got {indices}", indices=indices,
+        )
+        checks.value_check(
+            good_value | ~active,
+            "set_priorities: priorities must be finite and >= 0, got {priorities}",
+            priorities=priorities,
+        )
+        written = state.running_index
+        safe = jnp.clip(indices, 0, self.num_items - 1)
+        s_now = self.slot_start(safe % self.slots_per_row, written)
+        lo, n = self.valid_window(written)
+        valid_item = (s_now >= lo) & (s_now < lo + n * self.period) & (s_now >= 0)
+        keep = active & in_range & good_value & valid_item
+        if versions is not None and self.options.ignore_stale_priorities:
+            keep = keep & (versions == s_now)
+        ps = state.priority_state
+        leaf = jnp.where(keep, priorities, 0.0) ** self.priority_exponent
+        sum_t, min_t = sum_tree.update_sum_min(
+            ps.sum_tree, ps.min_tree, self.tree_geometry, safe, leaf, keep)
+        # initial=0: an empty update (e.g. a mixer part of size 0) is a no-op, not an error.
+        max_p = jnp.maximum(ps.max_priority,
+                            jnp.max(jnp.where(keep, priorities, 0.0), initial=0.0))
+        return state.replace(
+            priority_state=PriorityState(sum_tree=sum_t, min_tree=min_t, max_priority=max_p)
+        )
+
+    @staticmethod
+    def _checked_update(indices, priorities, versions):
+        """The arguments of `set_priorities` as arrays (float32 priorities), their shapes and
+        dtypes checked (static, so at trace time)."""
+        indices, priorities = jnp.asarray(indices), jnp.asarray(priorities)
+        if indices.ndim != 1 or priorities.shape != indices.shape:
+            raise ValueError(
+                f"set_priorities: indices {indices.shape} and priorities {priorities.shape} "
+                "must both be [B]"
+            )
+        if not jnp.issubdtype(indices.dtype, jnp.integer):
+            raise ValueError(f"set_priorities: indices must be integers, got {indices.dtype}")
+        if versions is not None:
+            versions = jnp.asarray(versions)
+            if versions.shape != indices.shape:
+                raise ValueError(
+                    f"set_priorities: versions {versions.shape} must match indices "
+                    f"{indices.shape}"
+                )
+        return indices, priorities.astype(jnp.float32), versions
+
+    def importance_weights(self, state, sample: PrioritisedSample, beta: float | Array,
+                           normalise: str = "buffer") -> Array:
+        """`[B]` weights `(N * P(i)) ** -beta`, divided by the largest weight of any item in the
+        buffer (`normalise="buffer"`, from the min tree) or of the batch (`"batch"`)."""
+        min_leaf = sum_tree.root(state.priority_state.min_tree)
+        return importance_weights(sample.priorities, min_leaf, beta, normalise)
