@@ -204,9 +204,7 @@ class NNX(Functional):
         self.module = flax_replay.nnx.ReplayBuffer(buffer, example)
 
     def to_state(self, state):
-        for col, values in flax_replay.to_collections(state).items():
-            for name, value in values.items():
-                getattr(self.module, name).set_value(value)
+        self.module.set_state(state)
         return self.module
 
     def from_state(self, module):

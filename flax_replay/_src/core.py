@@ -135,7 +135,8 @@ class TrajectoryCore:
                              f"max_length_time_axis={self.max_length_time_axis}")
         return a
 
-    def add(self, state, rows: PyTree, what: str = "add"):
+    def add(self, state: TrajectoryBufferState, rows: PyTree,
+            what: str = "add") -> TrajectoryBufferState:
         """Appends `rows` (leaves `[add_batch_size, A, *item_shape]`, 1 <= A <= T) in time.
 
         Writes only the A new steps of every row (in place under donation) and returns the
@@ -159,12 +160,12 @@ class TrajectoryCore:
         )
 
     # ------------------------------------------------------------------------------- sample
-    def can_sample(self, state) -> Array:
+    def can_sample(self, state: TrajectoryBufferState) -> Array:
         """bool `[]`: at least `min_length_time_axis` steps per row and a valid item."""
         _, n = self.valid_window(self.written(state))
         return (state.is_full | (state.current_index >= self.min_length_time_axis)) & (n > 0)
 
-    def check_can_sample(self, state) -> None:
+    def check_can_sample(self, state: TrajectoryBufferState) -> None:
         """ValueError (eager) or a `checkify` check (jit) when `can_sample` is False."""
         checks.value_check(
             self.can_sample(state),
@@ -174,7 +175,8 @@ class TrajectoryCore:
             steps=self.written(state),
         )
 
-    def sample(self, state, rng_key: Array, batch_size: Optional[int] = None) -> Sample:
+    def sample(self, state: TrajectoryBufferState, rng_key: Array,
+               batch_size: Optional[int] = None) -> Sample:
         """Draws `batch_size` sequences uniformly: experience leaves `[B, L, *item_shape]`.
 
         Sampling a buffer that cannot be sampled raises ValueError in an eager call; under
@@ -185,7 +187,8 @@ class TrajectoryCore:
         row, start = self.uniform_items(state, rng_key, b)
         return Sample(experience=self.gather(state.experience, row, start))
 
-    def uniform_items(self, state, rng_key: Array, b: int) -> tuple[Array, Array]:
+    def uniform_items(self, state: TrajectoryBufferState, rng_key: Array,
+                      b: int) -> tuple[Array, Array]:
         """`(row, start)`, both `[b]`: valid items drawn uniformly; `start` is a time index."""
         lo, n = self.valid_window(self.written(state))
         n = jnp.maximum(n, 1)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flax_replay._src import checks, sum_tree
-from flax_replay._src.core import TrajectoryCore, floor_div
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore, floor_div
 from flax_replay._src.typing import Array, PyTree
 
 SAMPLING_MODES = ("stratified", "independent")
@@ -38,19 +38,16 @@ class PriorityState:
 
 
 @struct.dataclass
-class PrioritisedTrajectoryBufferState:
+class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     """Prioritised buffer state: the uniform fields and `running_index` (int32 `[]`, steps written
     per row, never wrapped) in "replay"; `priority_state` in "priorities"."""
 
-    experience: PyTree
-    current_index: Array
-    is_full: Array
     running_index: Array
     priority_state: PriorityState
 
 
 @struct.dataclass
-class PrioritisedSample:
+class PrioritisedSample(Sample):
     """A prioritised sample.
 
     experience: leading axis `[B]`.
@@ -61,7 +58,6 @@ class PrioritisedSample:
       ignore updates for slots that were rewritten since this sample was drawn.
     """
 
-    experience: PyTree
     indices: Array
     priorities: Array
     probabilities: Array
@@ -124,7 +120,7 @@ class PrioritisedCore(TrajectoryCore):
     def tree_geometry(self) -> sum_tree.Geometry:
         return sum_tree.geometry(self.num_items, self.options.branching)
 
-    def written(self, state: PrioritisedTrajectoryBufferState) -> Array:
+    def written(self, state: PrioritisedTrajectoryBufferState) -> Array:  # type: ignore[override]
         return state.running_index
 
     # --------------------------------------------------------------------------------- init
@@ -143,7 +139,8 @@ class PrioritisedCore(TrajectoryCore):
         )
 
     # ---------------------------------------------------------------------------------- add
-    def add(self, state, rows: PyTree, what: str = "add"):
+    def add(self, state: PrioritisedTrajectoryBufferState, rows: PyTree,  # type: ignore[override]
+            what: str = "add") -> PrioritisedTrajectoryBufferState:
         new = super().add(state, rows, what)
         a, written = self.steps_in(rows, what), state.running_index
         return new.replace(running_index=written + a,
@@ -183,12 +180,12 @@ class PrioritisedCore(TrajectoryCore):
         return ps.replace(sum_tree=sum_t, min_tree=min_t)
 
     # ------------------------------------------------------------------------------- sample
-    def can_sample(self, state) -> Array:
+    def can_sample(self, state: PrioritisedTrajectoryBufferState) -> Array:  # type: ignore[override]
         """bool `[]`: the uniform condition and a positive total priority."""
         return super().can_sample(state) & (sum_tree.root(state.priority_state.sum_tree) > 0)
 
-    def sample(self, state, rng_key: Array,
-               batch_size: Optional[int] = None) -> PrioritisedSample:  # type: ignore[override]
+    def sample(self, state: PrioritisedTrajectoryBufferState,  # type: ignore[override]
+               rng_key: Array, batch_size: Optional[int] = None) -> PrioritisedSample:
         """Draws `batch_size` items with probability `leaf / total`; experience as the uniform
         core's, plus `indices`, `priorities`, `probabilities`, `versions` `[B]`."""
         b = self.sample_batch_size if batch_size is None else batch_size
@@ -207,7 +204,7 @@ class PrioritisedCore(TrajectoryCore):
             u = (jnp.arange(b, dtype=jnp.float32) + u) / b
         return u
 
-    def sample_at(self, state, leaf: Array, total: Array,
+    def sample_at(self, state: PrioritisedTrajectoryBufferState, leaf: Array, total: Array,
                   priorities: Optional[Array] = None) -> PrioritisedSample:
         """The sample of the items at sum-tree leaves `leaf` `[b]`, drawn with probability
         `leaf value / total`; `priorities` `[b]`, the leaf values if already read."""
@@ -223,8 +220,9 @@ class PrioritisedCore(TrajectoryCore):
         )
 
     # ------------------------------------------------------------------------ set_priorities
-    def set_priorities(self, state, indices: Array, priorities: Array,
-                       versions: Optional[Array] = None, mask: Optional[Array] = None):
+    def set_priorities(self, state: PrioritisedTrajectoryBufferState, indices: Array,
+                       priorities: Array, versions: Optional[Array] = None,
+                       mask: Optional[Array] = None) -> PrioritisedTrajectoryBufferState:
         """Sets raw priorities `[B]` (>= 0, finite) of the items at leaf `indices` `[B]`.
 
         The last occurrence of a duplicated index wins. Updates are ignored (never applied)
@@ -288,7 +286,8 @@ class PrioritisedCore(TrajectoryCore):
                 )
         return indices, priorities.astype(jnp.float32), versions
 
-    def importance_weights(self, state, sample: PrioritisedSample, beta: float | Array,
+    def importance_weights(self, state: PrioritisedTrajectoryBufferState,
+                           sample: PrioritisedSample, beta: float | Array,
                            normalise: str = "buffer") -> Array:
         """`[B]` weights `(N * P(i)) ** -beta`, divided by the largest weight of any item in the
         buffer (`normalise="buffer"`, from the min tree) or of the batch (`"batch"`)."""

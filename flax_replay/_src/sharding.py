@@ -59,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_replay._src import checks, layout, sum_tree
 from flax_replay._src.buffers import Buffer
-from flax_replay._src.core import Sample
+from flax_replay._src.core import Sample, TrajectoryBufferState
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -178,7 +178,7 @@ class ShardedBuffer:
         """
         return layout.abstract_state(self.buffer, self.mesh, self.axis, experience, num_shards)
 
-    def reshard(self, state):
+    def reshard(self, state: TrajectoryBufferState):
         """`state`, written by a buffer of the same definition unsharded or sharded any
         number of ways (e.g. restored from a checkpoint made on another mesh), in this
         buffer's layout and shardings. Experience and leaf priorities are kept exactly; the
@@ -186,17 +186,17 @@ class ShardedBuffer:
         old shards' its rows came from."""
         return self._regroup(state, self.num_shards)
 
-    def unshard(self, state):
+    def unshard(self, state: TrajectoryBufferState):
         """`state` in the single-device layout of `buffer` (one tree, replicated; rows still
         sharded), e.g. to hand a sharded buffer to code that expects an unsharded one."""
         return self._regroup(state, None)
 
-    def _regroup(self, state, num_shards: Optional[int]):
+    def _regroup(self, state: TrajectoryBufferState, num_shards: Optional[int]):
         where = layout.replicate_trees(state, self.shardings(state), self.mesh)
         return self._regroup_placed(jax.device_put(state, where), num_shards)
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
-    def _regroup_placed(self, state, num_shards: Optional[int]):
+    def _regroup_placed(self, state: TrajectoryBufferState, num_shards: Optional[int]):
         out = regroup_priorities(state, self.buffer.core, num_shards)
         return layout.constrain(out, self.mesh, self.partition_specs(out))
 
@@ -211,7 +211,7 @@ class ShardedBuffer:
         return jax.lax.axis_index(self.axis)
 
     # ---------------------------------------------------------------------------- methods
-    def add(self, state, batch: PyTree):
+    def add(self, state: TrajectoryBufferState, batch: PyTree):
         """Writes `batch` (the layout's axes, rows first: `[add_batch_size, ...]`); each shard
         writes its own rows and updates its own tree."""
         self.buffer.layout.to_rows(batch, state.experience, self.buffer.core)  # global checks
@@ -220,7 +220,7 @@ class ShardedBuffer:
     # The shard_map parts are jitted with the (hashable) buffer static: eager calls compile
     # once, and under the caller's `jit` they are inlined (donation included).
     @functools.partial(jax.jit, static_argnums=0)
-    def _add(self, state, batch: PyTree):
+    def _add(self, state: TrajectoryBufferState, batch: PyTree):
         specs = self.partition_specs(state)
 
         def body(state, batch):
@@ -229,7 +229,7 @@ class ShardedBuffer:
         return self._map(body, (specs, P(self.axis)), specs)(state, batch)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def can_sample(self, state) -> Array:
+    def can_sample(self, state: TrajectoryBufferState) -> Array:
         """bool `[]`: local sampling needs every shard sampleable, global sampling any."""
         def body(state):
             ok = self.local.can_sample(_block_to_state(state))
@@ -240,7 +240,7 @@ class ShardedBuffer:
 
         return self._map(body, (self.partition_specs(state),), P())(state)
 
-    def sample(self, state, rng_key: Array, batch_size: Optional[int] = None):
+    def sample(self, state: TrajectoryBufferState, rng_key: Array, batch_size: Optional[int] = None):
         """`batch_size` items (default `sample_batch_size`), every leaf sharded along its
         leading batch axis. A prioritised sample's `indices` are the single-device leaf
         indices and `probabilities` the probabilities of this sampling mode."""
@@ -256,7 +256,7 @@ class ShardedBuffer:
         return self._sample(state, rng_key, b)
 
     @functools.partial(jax.jit, static_argnums=(0, 3))
-    def _sample(self, state, rng_key: Array, b: int):
+    def _sample(self, state: TrajectoryBufferState, rng_key: Array, b: int):
         if self.sampling == "local":
             body = self._sample_local
         else:
@@ -264,7 +264,7 @@ class ShardedBuffer:
         return self._map(lambda st, key: body(_block_to_state(st), key, b),
                          (self.partition_specs(state), P()), P(self.axis))(state, rng_key)
 
-    def _sample_local(self, state, key: Array, b: int):
+    def _sample_local(self, state: TrajectoryBufferState, key: Array, b: int):
         k, s = self._shard(), self.num_shards
         out = self.local.sample(state, jax.random.fold_in(key, k), b // s)
         if not self.prioritised:
@@ -272,7 +272,7 @@ class ShardedBuffer:
         return out.replace(indices=out.indices + k * self.local.core.num_items,
                            probabilities=out.probabilities / s)
 
-    def _sample_global(self, state, key: Array, b: int):
+    def _sample_global(self, state: TrajectoryBufferState, key: Array, b: int):
         """Uniform: the single-device draw itself; each shard reads the rows it owns."""
         k, core = self._shard(), self.local.core
         row, start = self.buffer.core.uniform_items(state, key, b)
@@ -282,7 +282,7 @@ class ShardedBuffer:
                                             start))
         return self._gather_owned(mine, out)
 
-    def _sample_global_prioritised(self, state, key: Array, b: int):
+    def _sample_global_prioritised(self, state: TrajectoryBufferState, key: Array, b: int):
         """Every shard inverts the same targets over the shards' totals, then its own tree
         for the targets that fall on it."""
         k, core = self._shard(), self.local.core
@@ -317,7 +317,7 @@ class ShardedBuffer:
 
         return jax.tree.map(reduce_scatter, _where(mine, out))
 
-    def set_priorities(self, state, indices: Array | PrioritisedSample, priorities: Array,
+    def set_priorities(self, state: TrajectoryBufferState, indices: Array | PrioritisedSample, priorities: Array,
                        versions: Optional[Array] = None):
         """Sets raw priorities `[B]` at (single-device) leaf `indices` `[B]`; pass the sample
         itself as `indices` to drop stale updates. Local sampling: the indices and priorities
@@ -339,7 +339,7 @@ class ShardedBuffer:
         return self._set_priorities(state, indices, priorities, versions)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _set_priorities(self, state, indices: Array, priorities: Array,
+    def _set_priorities(self, state: TrajectoryBufferState, indices: Array, priorities: Array,
                         versions: Optional[Array]):
         n = self.buffer.core.num_items
         local = self.sampling == "local"
@@ -365,7 +365,7 @@ class ShardedBuffer:
         specs = self.partition_specs(state)
         return self._map(body, (specs,) + (spec,) * len(args), specs)(state, *args)
 
-    def importance_weights(self, state, sample: PrioritisedSample, beta: float | Array = 0.4,
+    def importance_weights(self, state: TrajectoryBufferState, sample: PrioritisedSample, beta: float | Array = 0.4,
                            normalise: str = "buffer") -> Array:
         """`[B]` weights `(N P(i)) ** -beta` normalised by the largest weight in the buffer or
         batch, with `P(i)` the probability of this sampling mode."""
@@ -373,7 +373,7 @@ class ShardedBuffer:
                                   normalise)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _min_probability(self, state) -> Array:
+    def _min_probability(self, state: TrajectoryBufferState) -> Array:
         """The smallest probability of drawing any item in this sampling mode."""
         local = self.sampling == "local"
 
