@@ -97,7 +97,7 @@ def parse_args(argv=None, run_name: str = "dqn_per", description: str = __doc__)
     return args
 
 
-# ------------------------------------------------------------------------------ environment
+# ----------------------------------------------------------------- environment and episodes
 class VecEnv(NamedTuple):
     """A gymnax environment vectorised over `[n]` environments, with gymnax's auto-reset."""
 
@@ -278,8 +278,9 @@ def make_state(args, env: VecEnv, key: jax.Array) -> flax_replay.TrainState:
     variables = agent.init(key, jnp.zeros((1, *env.obs_shape)))
     params = dict(variables["params"])
     params["target"] = jax.tree.map(jnp.copy, params["online"])  # own arrays: both donated
+    _, _, optimizer = schedules(args)
     tx = optax.multi_transform(  # the target follows the online network by Polyak averaging
-        {"train": schedules(args)[2], "frozen": optax.set_to_zero()},
+        {"train": optimizer, "frozen": optax.set_to_zero()},
         lambda p: {k: "frozen" if k == "target" else "train" for k in p},
     )
     return flax_replay.TrainState.create(

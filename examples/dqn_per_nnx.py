@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     env = dqn.VecEnv.make(args.env)
     k_init, rng, k_eval = jax.random.split(jax.random.key(args.seed), 3)
     agent = Agent(env, args, nnx.Rngs(k_init))
-    optimizer = nnx.Optimizer(agent, dqn.schedules(args)[2], wrt=ONLINE)
+    _, _, adam = dqn.schedules(args)
+    optimizer = nnx.Optimizer(agent, adam, wrt=ONLINE)
     train_chunk = make_train_chunk(args, env)
 
     @nnx.jit
