@@ -3,16 +3,19 @@
     python examples/dqn_per_nnx.py            # trains, or resumes from checkpoints/dqn_per_nnx/
     python examples/dqn_per_nnx.py --fresh    # starts over
 
-The same loop as `dqn_per.py`, the NNX way: the agent is an `nnx.Module` holding the online
-and target Q-networks and a `flax_replay.nnx.ReplayBuffer` (its state in `Replay` and
-`Priorities` Variables); `nnx.Optimizer` trains the online `nnx.Param`s. One `nnx.jit`
-(agent and optimizer donated) runs a chunk with `nnx.scan`, which carries the module's
-mutations from step to step (a raw `jax.lax.scan` over a module would silently drop them).
+The same program as `dqn_per.py`, the NNX way; its flags, environment and DQN maths (nothing
+that touches the buffer) are imported from there. The agent is an `nnx.Module` holding the
+online and target Q-networks and a `flax_replay.nnx.ReplayBuffer` (its state in `Replay` and
+`Priorities` Variables); `nnx.Optimizer` trains the online `nnx.Param`s. One `nnx.jit` (agent
+and optimizer donated) runs a chunk with `nnx.scan`, which carries the module's mutations from
+step to step (a raw `jax.lax.scan` over a module would silently drop them). Orbax checkpoints
+agent (buffer included) and optimizer with `checkpoint.save_nnx`; a rerun resumes.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,15 +24,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_common`, run from anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `dqn_per`, `_report`
 
-import _common  # noqa: E402
+import _report  # noqa: E402
+import dqn_per as dqn  # noqa: E402
 
 import flax_replay  # noqa: E402
+from flax_replay import checkpoint  # noqa: E402
 
 ONLINE = nnx.All(nnx.Param, nnx.PathContains("online"))  # what the optimizer trains
 
 
+# -------------------------------------------------------------------------------- the agent
 class QNetwork(nnx.Module):
     def __init__(self, obs_dim: int, num_actions: int, hidden: Sequence[int], rngs: nnx.Rngs):
         widths = [obs_dim, *hidden]
@@ -46,7 +52,7 @@ class Agent(nnx.Module):
     """Online and target Q-networks (both `nnx.Param`, so one checkpoint holds both) and the
     replay buffer, one row per environment."""
 
-    def __init__(self, env: _common.Env, args, rngs: nnx.Rngs):
+    def __init__(self, env: dqn.VecEnv, args, rngs: nnx.Rngs):
         obs_dim = env.obs_shape[0]
         self.online = QNetwork(obs_dim, env.num_actions, args.hidden, rngs)
         self.target = QNetwork(obs_dim, env.num_actions, args.hidden, rngs)
@@ -57,23 +63,27 @@ class Agent(nnx.Module):
             sample_batch_size=args.batch_size, add_batch_size=args.num_envs,
             priority_exponent=args.alpha,
         )
-        self.replay = flax_replay.nnx.ReplayBuffer(buffer, _common.example_step(env))
+        self.replay = flax_replay.nnx.ReplayBuffer(buffer, env.stored_step())
 
 
-def make_train_chunk(args, env: _common.Env):
-    sched = _common.schedules(args)
+# --------------------------------------------------------------------------------- the step
+def make_train_chunk(args, env: dqn.VecEnv):
+    """`train_chunk(agent, optimizer, envs, keys) -> (envs, per-step metrics)`: one step per
+    key, the agent and optimizer updated in place (donated), `envs = (env_state, obs,
+    ep_return, env_steps)`."""
+    epsilon, beta, _ = dqn.schedules(args)
 
     def learn(agent: Agent, optimizer: nnx.Optimizer, key: jax.Array, t: jax.Array):
         batch = agent.replay.sample(key)
-        weights = agent.replay.importance_weights(batch, sched.beta(t), args.weights)
+        weights = agent.replay.importance_weights(batch, beta(t), args.weights)
         pair = batch.experience
         q_target = agent.target(pair.second["obs"])
 
         def loss_fn(agent: Agent):
-            td, has_target = _common.td_errors(
-                agent.online(pair.first["obs"]), agent.online(pair.second["obs"]), q_target,
-                pair, args.gamma)
-            return jnp.mean(weights * has_target * _common.td_loss(td, args.loss)), (td, has_target)
+            td, has_target = dqn.td_errors(agent.online(pair.first["obs"]),
+                                           agent.online(pair.second["obs"]), q_target, pair,
+                                           args.gamma)
+            return jnp.mean(weights * has_target * dqn.td_loss(td, args.loss)), (td, has_target)
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, ONLINE), has_aux=True)
         (loss, (td, has_target)), grads = grad_fn(agent)
@@ -81,6 +91,7 @@ def make_train_chunk(args, env: _common.Env):
         online = nnx.state(agent.online, nnx.Param)
         target = nnx.state(agent.target, nnx.Param)
         nnx.update(agent.target, optax.incremental_update(online, target, args.tau))
+        # A truncated step has no target: priority 0 takes it out of the sampling for good.
         priorities = jnp.where(has_target > 0, jnp.abs(td) + args.priority_eps, 0.0)
         agent.replay.set_priorities(batch, priorities)  # the sample: stale updates dropped
         return loss
@@ -89,43 +100,49 @@ def make_train_chunk(args, env: _common.Env):
         return jnp.zeros((), jnp.float32)
 
     def step(carry, key):
-        agent, optimizer, (env_state, obs, episodes, t) = carry
+        agent, optimizer, (env_state, obs, ep_return, t) = carry
         k_act, k_env, k_learn = jax.random.split(key, 3)
-        action = _common.epsilon_greedy(k_act, agent.online(obs), sched.epsilon(t))
+        action = dqn.epsilon_greedy(k_act, agent.online(obs), epsilon(t))
         next_obs, env_state, reward, terminated, truncated = env.step(k_env, env_state, action)
         agent.replay.add({"obs": obs, "action": action, "reward": reward,
                           "terminated": terminated, "truncated": truncated})
         t = t + args.num_envs
-        episodes, (return_sum, finished) = _common.track_episodes(
-            episodes, reward, terminated | truncated)
+        ep_return, return_sum, finished = dqn.end_episodes(ep_return, reward,
+                                                           terminated | truncated)
         learn_now = (agent.replay.can_sample() & (t >= args.learning_starts)
                      & ((t // args.num_envs) % args.train_every == 0))
         loss = nnx.cond(learn_now, learn, skip, agent, optimizer, k_learn, t)
         metrics = {"return_sum": return_sum, "episodes": finished, "loss": loss,
                    "learned": learn_now}
-        return (agent, optimizer, (env_state, next_obs, episodes, t)), metrics
+        return (agent, optimizer, (env_state, next_obs, ep_return, t)), metrics
 
     @nnx.jit(donate_argnums=(0, 1, 2))
     def train_chunk(agent: Agent, optimizer: nnx.Optimizer, envs: Any, keys: jax.Array):
         (_, _, envs), metrics = nnx.scan(step)((agent, optimizer, envs), keys)
         return envs, metrics
 
+    return train_chunk
+
+
+# ---------------------------------------------------------------------------------- the run
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = dqn.parse_args(argv, "dqn_per_nnx", __doc__)
+    t0 = time.perf_counter()
+    run_dir = args.checkpoint_dir.resolve()
+    if args.fresh:
+        _report.clear(run_dir)
+    env = dqn.VecEnv.make(args.env)
+    k_init, rng, k_eval = jax.random.split(jax.random.key(args.seed), 3)
+    agent = Agent(env, args, nnx.Rngs(k_init))
+    _, _, adam = dqn.schedules(args)
+    optimizer = nnx.Optimizer(agent, adam, wrt=ONLINE)
+    train_chunk = make_train_chunk(args, env)
+
     @nnx.jit
     def evaluate(q_network: QNetwork, key: jax.Array):  # the network only, not the buffer
-        return _common.evaluate(q_network, env, key, args.eval_episodes)
+        return dqn.greedy_returns(q_network, env, key, args.eval_episodes)
 
-    return train_chunk, evaluate
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    from flax_replay import checkpoint
-
-    args, timer, run_dir, env, k_init, rng, k_eval = _common.start_run(
-        __doc__.splitlines()[0], "dqn_per_nnx", argv)
-    agent = Agent(env, args, nnx.Rngs(k_init))
-    optimizer = nnx.Optimizer(agent, _common.make_optimizer(args), wrt=ONLINE)
-    train_chunk, evaluate = make_train_chunk(args, env)
-
+    # Resume: agent (buffer included), optimizer and key from the latest checkpoint, in place.
     manager = checkpoint.make_manager(run_dir, max_to_keep=2)
     start = 0
     if checkpoint.latest_step(manager) is not None:
@@ -135,37 +152,42 @@ def main(argv: Sequence[str] | None = None) -> dict:
             raise SystemExit(f"{e}\nRun with --fresh to start over, or pick another "
                              "--checkpoint-dir.") from e
         print(f"resumed from step {start} of {run_dir} (buffer running index "
-              f"{int(agent.replay.running_index[...])})", flush=True)
+              f"{int(agent.replay.running_index[...])}, {int(optimizer.step[...])} updates)",
+              flush=True)
+    # New episodes in every environment (their state is not checkpointed).
     k_reset, rng = jax.random.split(jax.random.fold_in(rng, start))
     obs, env_state = env.reset(k_reset, args.num_envs)
-    envs = (env_state, obs, _common.Episodes(jnp.zeros(args.num_envs)),
-            jnp.asarray(start, jnp.int32))
-    envs = _common.committed(envs)
+    envs = (env_state, obs, jnp.zeros(args.num_envs), jnp.asarray(start, jnp.int32))
+    # All on one device, "committed" like the chunk's outputs: mixing committed (restored,
+    # jitted) and uncommitted (fresh) arrays is another jit cache key, a second compilation.
+    device = jax.local_devices()[0]
+    envs = jax.device_put(envs, device)
     for obj in (agent, optimizer):
-        nnx.update(obj, _common.committed(nnx.state(obj)))
-    history = _common.History(run_dir, start)
+        nnx.update(obj, jax.device_put(nnx.state(obj), device))
 
-    def chunk():
-        nonlocal envs, rng
+    report = _report.Report(run_dir, args.total_steps, start, bar=not args.no_progress)
+    steps, chunks = start, 0
+    while steps < args.total_steps:
+        tick = time.perf_counter()
         rng, k_chunk = jax.random.split(rng)
         keys = jax.random.split(k_chunk, args.chunk_steps // args.num_envs)
         envs, metrics = train_chunk(agent, optimizer, envs, keys)
-        return int(envs[-1]), metrics
-
-    def save(steps):
-        checkpoint.save_nnx(manager, steps, agent, optimizer, rng, force=True)
-
-    def greedy(steps):
-        return evaluate(agent.online, jax.random.fold_in(k_eval, steps))
-
-    steps = _common.run_chunks(args, start, chunk, greedy, save, history, timer)
+        metrics, steps = jax.device_get((metrics, envs[-1]))
+        steps = int(steps)
+        sps = args.chunk_steps / (time.perf_counter() - tick)  # training only
+        greedy = jax.device_get(evaluate(agent.online, jax.random.fold_in(k_eval, steps)))
+        report.chunk(steps, time.perf_counter() - t0, sps, metrics, greedy)
+        chunks += 1
+        if chunks % args.checkpoint_every == 0 or steps >= args.total_steps:
+            checkpoint.save_nnx(manager, steps, agent, optimizer, rng, force=True)  # async
+            report.log(f"checkpoint at step {steps}")
     manager.wait_until_finished()
-    return _common.finish(
-        args, run_dir, history, jax.device_get(evaluate(agent.online, k_eval)),
-        f"DQN + PER (NNX) on {args.env}",
-        env_steps=steps, updates=int(optimizer.step[...]),
-        buffer_running_index=int(agent.replay.running_index[...]),
-        wall_time_s=round(timer(), 1), resumed_from_step=start,
+
+    returns = jax.device_get(evaluate(agent.online, k_eval))
+    return report.finish(
+        returns, f"DQN + PER (NNX) on {args.env}", env=args.env, env_steps=steps,
+        updates=int(optimizer.step[...]), buffer_running_index=int(agent.replay.running_index[...]),
+        wall_time_s=round(time.perf_counter() - t0, 1), resumed_from_step=start,
     )
 
 

@@ -32,6 +32,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import flax_replay  # noqa: E402
 
 NUM_ENVS, OBS = 64, 4  # add_batch_size: 8 rows (environments) per device
+SHARDS, SLOTS = 8, 100  # devices; time slots per row (max_length / NUM_ENVS)
+ITEMS_PER_SHARD = NUM_ENVS // SHARDS * SLOTS  # a flat buffer's item: a start slot in a row
 
 
 def collectives(jitted, *args) -> str:
@@ -43,16 +45,29 @@ def collectives(jitted, *args) -> str:
     return ", ".join(f"{kind} {shape.split('{')[0]}" for shape, kind in found) or "none"
 
 
+def total_priority(state) -> float:
+    """The sum of all priorities (** exponent): the roots of the per-shard sum trees."""
+    return float(np.sum(np.asarray(state.priority_state.sum_tree[:, 0], np.float64)))
+
+
+def experience_sums(state) -> dict:
+    """A checksum of the stored experience: the sum of each leaf."""
+    return {k: float(np.sum(np.asarray(v, np.float64))) for k, v in state.experience.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent
                                              / "checkpoints" / "sharded_replay"))
-    parser.add_argument("--steps", type=int, default=40, help="environment steps to add")
+    parser.add_argument("--steps", type=int, default=40,
+                        help="environment steps to add, in sequences of 4")
     args = parser.parse_args()
+    if args.steps % 4:
+        parser.error(f"--steps ({args.steps}) must be a multiple of 4")
 
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    mesh = jax.make_mesh((SHARDS,), ("data",), axis_types=(AxisType.Explicit,))
     buffer = flax_replay.make_prioritised_flat_buffer(
-        max_length=NUM_ENVS * 100, min_length=NUM_ENVS * 4, sample_batch_size=256,
+        max_length=NUM_ENVS * SLOTS, min_length=NUM_ENVS * 4, sample_batch_size=256,
         add_sequences=True, add_batch_size=NUM_ENVS, priority_exponent=0.6)
     example = {"obs": jnp.zeros((OBS,), jnp.float32), "reward": jnp.zeros((), jnp.float32),
                "done": jnp.zeros((), bool)}
@@ -83,21 +98,27 @@ def main() -> None:
     key = jax.random.key(0)
     for i in range(args.steps // 4):
         state = add(state, fake_steps(jax.random.fold_in(key, i), 4))
-    print(f"\nadded {args.steps} steps x {NUM_ENVS} envs; can_sample:",
-          bool(local.can_sample(state)))
+    print(f"\nadded {args.steps} steps x {NUM_ENVS} envs: current_index "
+          f"{int(state.current_index)}, running_index {int(state.running_index)}, is_full "
+          f"{bool(state.is_full)}, can_sample {bool(local.can_sample(state))}")
+    # Every item that can be sampled (a step and the next) has priority 1 ** 0.6 so far.
+    print(f"priority total {total_priority(state)!r}")
+    print("experience sums:", experience_sums(state))
     print("collectives in add:", collectives(add, state, fake_steps(key, 4)))
 
     # Sampling: local (no experience crosses devices) and global (the exact distribution).
     for name, buf in (("local", local), ("global", glob)):
         sample_fn = jax.jit(buf.sample)
         s = sample_fn(state, jax.random.key(1))
-        owners = np.asarray(s.indices) // buf.local.core.num_items  # the shard of each item
+        owners = np.asarray(s.indices) // ITEMS_PER_SHARD  # the shard of each item
+        p_min, p_max = float(s.probabilities.min()), float(s.probabilities.max())
         print(f"\n{name} sample: first.obs {s.experience.first['obs'].shape} sharded "
               f"{s.experience.first['obs'].sharding.spec}; items per shard "
-              f"{np.bincount(owners, minlength=8)}")
-        if name == "local":
-            print("  device k's slice of the batch holds shard k's items:",
-                  bool(np.all(owners == np.arange(256) // 32)))
+              f"{np.bincount(owners, minlength=SHARDS)}; probabilities "
+              f"{p_min!r}..{p_max!r}")
+        if name == "local":  # each device's slice of the batch holds its own shard's items
+            print("  shards in each device's slice:", " ".join(
+                ",".join(map(str, np.unique(o))) for o in owners.reshape(SHARDS, -1)))
         print(f"  collectives: {collectives(sample_fn, state, jax.random.key(1))}")
 
     # Learning: new priorities (here |TD error| stand-ins) for the local sample's items.
@@ -105,12 +126,16 @@ def main() -> None:
     td = jnp.abs(s.experience.first["reward"] - s.experience.second["reward"]) + 0.01
     update = jax.jit(local.set_priorities, donate_argnums=0)
     print("\ncollectives in set_priorities:", collectives(update, state, s, td))
+    items, first = np.unique(np.asarray(s.indices), return_index=True)  # a batch may repeat
+    new = float(np.sum(np.asarray(td, np.float64)[first] ** 0.6))
     state = update(state, s, td)
+    print(f"set priorities of {items.size} distinct items, sum of p ** 0.6 {new!r}; "
+          f"priority total {total_priority(state)!r}")
     s = jax.jit(local.sample)(state, jax.random.key(3))
     weights = local.importance_weights(state, s, beta=0.4)
-    print("importance weights of the next sample in",
-          (round(float(weights.min()), 3), round(float(weights.max()), 3)),
-          "\nmax priority per shard", np.round(np.asarray(state.priority_state.max_priority), 3))
+    print(f"importance weights of the next sample in {float(weights.min())!r}.."
+          f"{float(weights.max())!r}")
+    print("max priority per shard", np.round(np.asarray(state.priority_state.max_priority), 3))
 
     # Checkpoint: the two collections as Orbax items, written by every process.
     cols = flax_replay.to_collections(state)
@@ -129,7 +154,8 @@ def main() -> None:
             priorities=ocp.args.StandardRestore(target["priorities"])))
         same = jax.tree.map(lambda a, b: np.array_equal(a, b), cols,
                             {"replay": restored["replay"], "priorities": restored["priorities"]})
-        print("restored on 8 devices, identical:", all(jax.tree.leaves(same)))
+        same = jax.tree.leaves(same)
+        print(f"restored on 8 devices: {sum(same)} of {len(same)} arrays identical")
 
         # The same checkpoint on 4 devices: rows regrouped, one sum tree per new shard.
         mesh4 = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Explicit,),
@@ -141,11 +167,9 @@ def main() -> None:
             priorities=ocp.args.StandardRestore(target["priorities"])))
     state_type = type(jax.eval_shape(buffer.init, example))
     state4 = four.reshard(flax_replay.from_collections(state_type, dict(restored)))
-    print("restored on 4 devices: sum_tree", state4.priority_state.sum_tree.shape,
-          "total", float(state4.priority_state.sum_tree[:, 0].sum()), "vs",
-          float(state.priority_state.sum_tree[:, 0].sum()), "; experience identical:",
-          all(np.array_equal(a, b) for a, b in
-              zip(jax.tree.leaves(state4.experience), jax.tree.leaves(state.experience))))
+    print(f"restored on 4 devices: sum_tree {state4.priority_state.sum_tree.shape}, "
+          f"priority total {total_priority(state4)!r}")
+    print("experience sums:", experience_sums(state4))
     s4 = jax.jit(four.sample)(state4, jax.random.key(4))
     print("sample on 4 devices:", s4.experience.first["obs"].shape,
           s4.experience.first["obs"].sharding.spec)

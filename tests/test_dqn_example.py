@@ -1,12 +1,14 @@
 """The DQN examples end to end, in subprocesses, with tiny settings: the Linen example is killed
-(SIGKILL) once a checkpoint exists and resumes from it when run again (env steps, update count
-and the buffer's running index restored), then writes its learning curve and summary; the NNX
-example runs a few chunks. Learning itself is not tested here (see README for the measured
-default run)."""
+(SIGKILL) once a checkpoint exists and resumes from it when run again, then writes its learning
+curve and summary; the NNX example runs a few chunks and resumes too. The counts a resumed run
+reaches (env steps, gradient updates, the buffer's running index) must equal those of an
+uninterrupted run, computed here from the flags; the history must have one row per chunk.
+Learning itself is not tested here (see README for the measured default run)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -17,10 +19,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
-NUM_ENVS, CHUNK = 4, 200
+NUM_ENVS, CHUNK, LEARNING_STARTS = 4, 200, 100
 TINY = [
     "--num-envs", str(NUM_ENVS), "--chunk-steps", str(CHUNK), "--checkpoint-every", "1",
-    "--buffer-size", "2000", "--batch-size", "16", "--learning-starts", "100",
+    "--buffer-size", "2000", "--batch-size", "16", "--learning-starts", str(LEARNING_STARTS),
     "--hidden", "16", "--eval-episodes", "2", "--no-progress",
 ]
 
@@ -53,10 +55,50 @@ def _finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def _outputs(directory: Path) -> dict:
+def _updates(env_steps: int) -> int:
+    """Gradient updates an uninterrupted run has taken after `env_steps`: one per vectorised
+    step from the one that reaches --learning-starts on (--train-every 1; the 16-item batch
+    can be sampled long before)."""
+    return sum(1 for t in range(NUM_ENVS, env_steps + 1, NUM_ENVS) if t >= LEARNING_STARTS)
+
+
+def _history(directory: Path) -> list[dict]:
+    return [json.loads(r) for r in (directory / "history.jsonl").read_text().splitlines()]
+
+
+def _outputs(directory: Path, total: int, resumed_from: int) -> dict:
+    """Checks the run's outputs against an uninterrupted run of `total` env steps; returns
+    the summary."""
     png = directory / "learning_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", "learning_curve.png is not a PNG"
-    return json.loads((directory / "summary.json").read_text())
+    summary = json.loads((directory / "summary.json").read_text())
+    assert summary["env_steps"] == total and summary["resumed_from_step"] == resumed_from
+    assert summary["buffer_running_index"] == total // NUM_ENVS  # one transition per env step
+    assert summary["updates"] == _updates(total)
+    assert _steps(directory)[-1] == total  # the last checkpoint is the end of the run
+    # A greedy CartPole return is a whole number of steps in [1, 500]: the mean of 2 episodes
+    # a multiple of 1/2, never below their minimum.
+    final, low = summary["final_greedy_return"], summary["final_greedy_return_min"]
+    assert summary["eval_episodes"] == 2 and isinstance(final, float)
+    assert 1 <= low <= final <= 500 and (2 * final).is_integer() and low.is_integer()
+    assert summary["solved"] is (final >= 475)
+    # One row a chunk, the whole run (rows from before a kill kept); every chunk learned, so
+    # every loss is a finite number, and every chunk ended some (whole-step) episodes.
+    rows = _history(directory)
+    assert [r["step"] for r in rows] == list(range(CHUNK, total + 1, CHUNK))
+    for r in rows:
+        assert isinstance(r["loss"], float) and math.isfinite(r["loss"]) and r["loss"] >= 0, r
+        assert r["episodes"] >= 1 and 1 <= r["return"] <= 500, r
+        assert 1 <= r["greedy"] <= 500 and (2 * r["greedy"]).is_integer() and r["sps"] > 0, r
+    return summary
+
+
+def _resumed(out: str) -> tuple[int, int, int]:
+    """(step, buffer running index, updates) of the "resumed from" line."""
+    match = re.search(r"resumed from step (\d+) .*buffer running index (\d+), (\d+) updates",
+                      out)
+    assert match, out[-4000:]
+    return tuple(map(int, match.groups()))
 
 
 def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
@@ -84,37 +126,42 @@ def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
                 proc.wait()
 
     # NNX: ran, checkpointed, evaluated and wrote its figures.
-    nnx = _outputs(nnx_dir)
-    assert nnx["env_steps"] == nnx_steps and nnx["resumed_from_step"] == 0
-    assert nnx["buffer_running_index"] == nnx_steps // NUM_ENVS
-    assert _steps(nnx_dir)[-1] == nnx_steps, nnx_out
+    _outputs(nnx_dir, nnx_steps, resumed_from=0)
     assert "learning curve:" in nnx_out
 
-    # Linen: the rerun resumes from the newest finished checkpoint, buffer included.
+    # Linen: the rerun resumes from the newest finished checkpoint, buffer and optimizer
+    # included, and ends where an uninterrupted run ends. The NNX run resumes alongside.
     saved = _steps(linen_dir)[-1]
     assert saved > 0 and saved % CHUNK == 0
     assert not (linen_dir / "summary.json").exists()  # killed before the end
+    before = _history(linen_dir)  # may have rows past `saved`: chunks done after that save
+    assert [r["step"] for r in before][: saved // CHUNK] == list(range(CHUNK, saved + 1, CHUNK))
     total = saved + 2 * CHUNK
+    rerun = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
+                    str(total))
+    nnx_rerun = _launch("dqn_per_nnx.py", "--checkpoint-dir", str(nnx_dir), "--total-steps",
+                        str(nnx_steps + CHUNK))
+    try:
+        out, nnx_out = _finish(rerun, timeout=240), _finish(nnx_rerun, timeout=240)
+    finally:
+        for proc in (rerun, nnx_rerun):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # A fresh buffer would say running index 0, a fresh optimizer 0 updates.
+    assert _resumed(out) == (saved, saved // NUM_ENVS, _updates(saved))
+    assert f"step {saved + CHUNK}:" in out and f"step {saved}:" not in out  # no rerun chunks
+    _outputs(linen_dir, total, resumed_from=saved)
+    assert _history(linen_dir)[: saved // CHUNK] == before[: saved // CHUNK]
+    assert _resumed(nnx_out) == (nnx_steps, nnx_steps // NUM_ENVS, _updates(nnx_steps))
+    _outputs(nnx_dir, nnx_steps + CHUNK, resumed_from=nnx_steps)
+
+    # Run again at its end: resumes, trains nothing, evaluates and rewrites the same figures.
     out = _finish(_launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
                           str(total)), timeout=240)
-    match = re.search(r"resumed from step (\d+) .*buffer running index (\d+), (\d+) updates",
-                      out)
-    assert match, out[-4000:]
-    step, running_index, updates = map(int, match.groups())
-    assert step == saved
-    assert running_index == saved // NUM_ENVS  # a fresh buffer would say 0
-    assert updates > 0  # the optimizer's step counter came back too
-    assert f"step {saved + CHUNK}:" in out and f"step {saved}:" not in out  # no rerun chunks
-
-    summary = _outputs(linen_dir)
-    assert summary["resumed_from_step"] == saved
-    assert summary["env_steps"] == total
-    assert summary["buffer_running_index"] == total // NUM_ENVS
-    assert summary["eval_episodes"] == 2 and 0 < summary["final_greedy_return"] <= 500
-    assert _steps(linen_dir)[-1] == total
-    # The learning curve spans the whole run: rows from before the kill are kept.
-    rows = [json.loads(r) for r in (linen_dir / "history.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(CHUNK, total + 1, CHUNK))
+    assert _resumed(out) == (total, total // NUM_ENVS, _updates(total))
+    assert not re.search(r"^step \d+:", out, re.M), out
+    _outputs(linen_dir, total, resumed_from=total)
 
     # Another buffer capacity cannot resume this run: refused (before any training), with
     # the way out named.
@@ -123,6 +170,13 @@ def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
     out, _ = other.communicate(timeout=120)
     assert other.returncode != 0 and "buffer capacity differs" in out and "--fresh" in out, out
     assert _steps(linen_dir)[-1] == total
+
+    # --fresh starts over in the same directory: the old checkpoints and history are gone.
+    out = _finish(_launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
+                          str(CHUNK), "--fresh"), timeout=240)
+    assert "resumed" not in out
+    _outputs(linen_dir, CHUNK, resumed_from=0)
+    assert _steps(linen_dir) == [CHUNK]
 
 
 def test_example_refuses_flags_it_cannot_honour(tmp_path):

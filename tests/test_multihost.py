@@ -6,7 +6,9 @@ devices (resharding the per-shard sum trees)."""
 
 from __future__ import annotations
 
+import ast
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -182,22 +184,92 @@ def test_restore_on_other_meshes(run, devices):
     assert p > 1e-3
 
 
+def _figures(pattern: str, text: str) -> list:
+    """Every match of `pattern` in the example's output (each line a candidate)."""
+    found = re.findall(pattern, text, re.M)
+    assert found, f"{pattern!r} not in:\n{text[-3000:]}"
+    return found
+
+
 def test_sharded_replay_example(tmp_path):
-    """examples/sharded_replay.py runs: no collective in add / local sampling / local
-    priority updates, and the checkpoint restores identically on 8 and on 4 devices."""
+    """examples/sharded_replay.py, checked against figures computed here: the buffer holds
+    exactly the steps the example generates (and so does the checkpoint restored on 4
+    devices), every valid item starts at priority 1, local sampling keeps each device's draws
+    in its own shard at the exact probability, the sum tree's total after set_priorities is
+    what the new priorities make it, and add / local sample / set_priorities compile with no
+    collective."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)  # the example sets its own 8 devices
+    steps, envs, slots, batch = 48, 64, 100, 256  # --steps; the example's buffer
     out = subprocess.run(
         [sys.executable, os.path.join(root, "examples", "sharded_replay.py"),
-         "--dir", str(tmp_path / "ckpt")],
+         "--dir", str(tmp_path / "ckpt"), "--steps", str(steps)],
         env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "collectives in add: none" in text
     assert "collectives in set_priorities: none" in text
-    assert "device k's slice of the batch holds shard k's items: True" in text
     local = text.split("local sample:")[1].split("global sample:")[0]
     assert "collectives: none" in local
-    assert "restored on 8 devices, identical: True" in text
-    assert "experience identical: True" in text and "sum_tree (4," in text
+
+    # The layout: rows over the 8 devices, one sum tree per device.
+    assert re.search(rf"\['experience'\]\['obs'\]\s+\({envs}, {slots}, 4\)\s+"
+                     r"P\('data', None, None\)", text)
+    assert re.search(r"\['sum_tree'\]\s+\(8, \d+\)\s+P\('data', None\)", text)
+
+    # The write position and the contents: the example's fake steps, regenerated here.
+    (current, running, full, can), = _figures(
+        r"current_index (\d+), running_index (\d+), is_full (\w+), can_sample (\w+)", text)
+    assert (int(current), int(running), full, can) == (steps, steps, "False", "True")
+    want = {"obs": 0.0, "reward": 0.0, "done": 0.0}
+    for i in range(steps // 4):
+        k1, k2, k3 = jax.random.split(jax.random.fold_in(jax.random.key(0), i), 3)
+        for name, x in (("obs", jax.random.normal(k1, (envs, 4, 4))),
+                        ("reward", jax.random.uniform(k2, (envs, 4))),
+                        ("done", jax.random.bernoulli(k3, 0.05, (envs, 4)))):
+            want[name] += float(np.sum(np.asarray(x, np.float64)))
+    sums = [ast.literal_eval(s) for s in _figures(r"experience sums: (\{.*\})", text)]
+    assert len(sums) == 2  # after adding, and restored on 4 devices
+    for got in sums:
+        assert got.keys() == want.keys()
+        for name in want:
+            assert got[name] == pytest.approx(want[name], rel=1e-9, abs=1e-9), name
+
+    # Priorities: a flat item is a step and the next, so a row holds steps - 1 valid items,
+    # each at the initial priority 1; sampling is uniform over them.
+    valid = envs * (steps - 1)
+    (total,) = _figures(r"^priority total ([\d.]+)$", text)
+    assert float(total) == valid
+    lines = {m[0]: m[1:] for m in re.findall(
+        r"^(local|global) sample: first.obs \((\d+), 4\).*items per shard \[([\d ]+)\]; "
+        r"probabilities ([\d.e-]+)\.\.([\d.e-]+)$", text, re.M)}
+    assert set(lines) == {"local", "global"}, text
+    for mode, (b, per_shard, p_min, p_max) in lines.items():
+        counts = [int(c) for c in per_shard.split()]
+        assert int(b) == batch and sum(counts) == batch and len(counts) == 8, mode
+        assert float(p_min) == pytest.approx(1 / valid) and float(p_max) == pytest.approx(
+            1 / valid), mode
+    assert [int(c) for c in lines["local"][1].split()] == [batch // 8] * 8
+    (slices,) = _figures(r"shards in each device's slice: (.*)", text)
+    assert slices == "0 1 2 3 4 5 6 7"
+
+    # set_priorities: the new priorities replace 1 for the distinct items sampled; the tree's
+    # total (on 8 devices, and restored on 4) is exactly that.
+    (distinct, new, after), = _figures(r"set priorities of (\d+) distinct items, sum of p \*\* "
+                                       r"0\.6 ([\d.e-]+); priority total ([\d.e-]+)", text)
+    assert 0 < int(distinct) <= batch
+    expected = valid - int(distinct) + float(new)
+    assert float(after) == pytest.approx(expected, rel=1e-6)
+    (w_min, w_max), = _figures(r"importance weights of the next sample in ([\d.e-]+)\.\."
+                               r"([\d.e-]+)", text)
+    assert 0 < float(w_min) <= float(w_max) <= 1
+
+    # Checkpoint: every array back on 8 devices; on 4, one tree per new shard, same total.
+    (same, arrays), = _figures(r"restored on 8 devices: (\d+) of (\d+) arrays identical", text)
+    layout = re.findall(r"^  \['(?:replay|priorities)'\]", text, re.M)
+    assert int(same) == int(arrays) == len(layout) > 0
+    (total4,) = _figures(r"restored on 4 devices: sum_tree \(4, \d+\), priority total "
+                         r"([\d.e-]+)", text)
+    assert float(total4) == pytest.approx(expected, rel=1e-6)
+    assert "sample on 4 devices: (256, 4) P('data', None)" in text
