@@ -541,7 +541,7 @@ def _version(package: str) -> str:
     try:
         from importlib.metadata import version
         return version(package)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "absent"
 
 

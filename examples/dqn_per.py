@@ -32,10 +32,10 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `_report`, run from anywhere
 
-import _report  # noqa: E402
+import flax_replay
+from flax_replay import checkpoint
 
-import flax_replay  # noqa: E402
-from flax_replay import checkpoint  # noqa: E402
+import _report
 
 
 # ------------------------------------------------------------------------------------ flags

@@ -26,11 +26,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `dqn_per`, `_report`
 
-import _report  # noqa: E402
-import dqn_per as dqn  # noqa: E402
+import flax_replay
+from flax_replay import checkpoint
 
-import flax_replay  # noqa: E402
-from flax_replay import checkpoint  # noqa: E402
+import _report
+import dqn_per as dqn
 
 ONLINE = nnx.All(nnx.Param, nnx.PathContains("online"))  # what the optimizer trains
 

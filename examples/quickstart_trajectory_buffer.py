@@ -96,7 +96,7 @@ def pmapped() -> None:
     print("== pmap ==")
     buffer = make_buffer()
     devices = jax.devices()[:DEVICE_COUNT_MOCK]
-    stack = lambda x: jnp.stack([x] * len(devices))  # noqa: E731
+    stack = lambda x: jnp.stack([x] * len(devices))
     state = jax.pmap(buffer.init)(jax.tree.map(stack, fake_timestep))
     add = jax.pmap(buffer.add, donate_argnums=0)  # donated: each device's add is in place
     for _ in range(2):

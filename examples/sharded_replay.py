@@ -17,19 +17,19 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import re
+from pathlib import Path
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-from jax.sharding import AxisType, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import flax_replay  # noqa: E402
+import flax_replay
 
 NUM_ENVS, OBS = 64, 4  # add_batch_size: 8 rows (environments) per device
 SHARDS, SLOTS = 8, 100  # devices; time slots per row (max_length / NUM_ENVS)

@@ -152,8 +152,8 @@ class NStepReturns:
             if cont is None:
                 raise ValueError(f"n-step buffer: no leaf {self.discount_key!r} (discount_key)")
             cont = cont[:, :n].astype(jnp.float32)
-        elif self.done_key is not None and _leaf(seq, self.done_key) is not None:
-            cont = 1.0 - _leaf(seq, self.done_key)[:, :n].astype(jnp.float32)
+        elif (done := None if self.done_key is None else _leaf(seq, self.done_key)) is not None:
+            cont = 1.0 - done[:, :n].astype(jnp.float32)
         else:
             if self.done_key is not None and n > 1:
                 warnings.warn(
@@ -213,7 +213,8 @@ class PrioritisedBuffer(Buffer):
         for items overwritten since the sample are ignored (`ignore_stale_priorities`).
         """
         if isinstance(indices, PrioritisedSample):
-            indices, versions = indices.indices, indices.versions
+            sample = indices
+            indices, versions = sample.indices, sample.versions
         return self.core.set_priorities(state, indices, priorities, versions)
 
     def importance_weights(self, state: PrioritisedTrajectoryBufferState,

@@ -38,7 +38,7 @@ def check_tree(
     """
     store_paths, store_def = jax.tree_util.tree_flatten_with_path(storage)
     batch_paths, batch_def = jax.tree_util.tree_flatten_with_path(batch)
-    if batch_def != store_def:
+    if batch_def != store_def:  # type: ignore[operator]  # PyTreeDef has !=
         raise ValueError(
             f"{what}: the tree structure does not match the buffer's.\n"
             f"  expected: {store_def}\n  received: {batch_def}"
@@ -144,8 +144,8 @@ def _make_silent_check():
             ck.FailedCheckError, ck.get_traceback, ck.assert_func, ck.init_error)
 
         def check(pred, message, **fmt):
-            error = failed(traceback(), message, **fmt)
-            error = assert_func(init_error, jnp.logical_not(pred), error)
+            failure = failed(traceback(), message, **fmt)
+            error = assert_func(init_error, jnp.logical_not(pred), failure)
             flat, tree = jax.tree_util.tree_flatten(error)
             prim.bind(*flat, err_tree=tree, debug=True)
 

@@ -28,8 +28,7 @@ from flax_replay._src import checks
 from flax_replay._src.typing import Array, PyTree
 
 
-@struct.dataclass
-class TrajectoryBufferState:
+class TrajectoryBufferState(struct.PyTreeNode):
     """Uniform buffer state (collection "replay").
 
     experience: pytree of `[add_batch_size, max_length_time_axis, *item_shape]`.
@@ -42,8 +41,7 @@ class TrajectoryBufferState:
     is_full: Array
 
 
-@struct.dataclass
-class Sample:
+class Sample(struct.PyTreeNode):
     """A uniform sample: `experience` has a leading `[sample_batch_size]` axis."""
 
     experience: PyTree
@@ -148,10 +146,7 @@ class TrajectoryCore:
         a = self.steps_in(rows, what)
         time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
         experience = jax.tree.map(
-            lambda store, x: store.at[:, time].set(x, unique_indices=True, indices_are_sorted=False),
-            state.experience,
-            rows,
-        )
+            lambda store, x: store.at[:, time].set(x, unique_indices=True), state.experience, rows)
         new_index = state.current_index + a
         return state.replace(
             experience=experience,

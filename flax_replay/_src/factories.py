@@ -38,13 +38,6 @@ def _priority_options(priority_exponent: float, device: str, sampling: str, bran
     return PriorityOptions(priority_exponent, sampling, branching, ignore_stale_priorities)
 
 
-def _make_core(options: Optional[PriorityOptions], **fields: int) -> TrajectoryCore:
-    """A uniform core, or a prioritised one when `options` are given."""
-    if options is None:
-        return TrajectoryCore(**fields)
-    return PrioritisedCore(**fields, options=options)
-
-
 def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
                add_batch_size: int, *, max_size_overrides: bool = False,
                stacklevel: int = 4) -> int:
@@ -65,7 +58,7 @@ def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
     return checks.positive_int("max_length_time_axis", max_length_time_axis)
 
 
-def _trajectory_core(
+def _trajectory_fields(
     add_batch_size: int,
     sample_batch_size: int,
     sample_sequence_length: int,
@@ -73,8 +66,8 @@ def _trajectory_core(
     min_length_time_axis: int,
     max_size: Optional[int],
     max_length_time_axis: Optional[int],
-    options: Optional[PriorityOptions] = None,
-) -> TrajectoryCore:
+) -> dict[str, int]:
+    """The core's fields of a trajectory buffer, checked (Flashbax's rules and messages)."""
     checks.positive_int("add_batch_size", add_batch_size)
     checks.positive_int("sample_batch_size", sample_batch_size)
     checks.positive_int("sample_sequence_length", sample_sequence_length)
@@ -121,8 +114,7 @@ def _trajectory_core(
             f"max_length_time_axis - period + 1 = {max_length_time_axis - period + 1}, so that "
             "a full buffer always holds a sequence that starts on the period grid."
         )
-    return _make_core(
-        options,
+    return dict(
         add_batch_size=add_batch_size,
         max_length_time_axis=max_length_time_axis,
         min_length_time_axis=min_length_time_axis,
@@ -132,9 +124,10 @@ def _trajectory_core(
     )
 
 
-def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
-               add_batch_size: Optional[int], n_step: int,
-               options: Optional[PriorityOptions] = None) -> TrajectoryCore:
+def _flat_fields(max_length: int, min_length: int, sample_batch_size: int,
+                add_batch_size: Optional[int], n_step: int) -> dict[str, int]:
+    """The core's fields of a flat (n-step) buffer: one row per `add_batch_size`, items of
+    `n_step + 1` consecutive steps."""
     checks.positive_int("max_length", max_length)
     checks.non_negative_int("min_length", min_length)
     checks.positive_int("sample_batch_size", sample_batch_size)
@@ -157,8 +150,7 @@ def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
         raise ValueError(
             f"n_step ({n_step}) must be below max_length // add_batch_size ({time_axis})"
         )
-    return _make_core(
-        options,
+    return dict(
         add_batch_size=rows,
         max_length_time_axis=time_axis,
         min_length_time_axis=max(min_length // rows + 1, n_step + 1),
@@ -168,8 +160,8 @@ def _flat_core(max_length: int, min_length: int, sample_batch_size: int,
     )
 
 
-def _item_core(max_length: int, min_length: int, sample_batch_size: int,
-               options: Optional[PriorityOptions] = None) -> TrajectoryCore:
+def _item_fields(max_length: int, min_length: int, sample_batch_size: int) -> dict[str, int]:
+    """The core's fields of an item buffer: one row, items of one step."""
     checks.positive_int("max_length", max_length)
     checks.non_negative_int("min_length", min_length)
     checks.positive_int("sample_batch_size", sample_batch_size)
@@ -181,8 +173,7 @@ def _item_core(max_length: int, min_length: int, sample_batch_size: int,
     if min_length > max_length:
         raise ValueError(f"min_length ({min_length}) cannot be larger than max_length "
                          f"({max_length}).")
-    return _make_core(
-        options,
+    return dict(
         add_batch_size=1,
         max_length_time_axis=max_length,
         min_length_time_axis=max(min_length, 1),
@@ -204,9 +195,9 @@ def make_trajectory_buffer(
 ) -> Buffer:
     """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
     sample_sequence_length]` sequences starting on the `period` grid."""
-    core = _trajectory_core(add_batch_size, sample_batch_size, sample_sequence_length, period,
-                            min_length_time_axis, max_size, max_length_time_axis)
-    return Buffer(core, TrajectoryLayout())
+    fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
+                                period, min_length_time_axis, max_size, max_length_time_axis)
+    return Buffer(TrajectoryCore(**fields), TrajectoryLayout())
 
 
 def make_flat_buffer(
@@ -217,8 +208,9 @@ def make_flat_buffer(
     add_batch_size: Optional[int] = None,
 ) -> Buffer:
     """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps."""
-    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1)
-    return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
+    return Buffer(TrajectoryCore(**fields),
+                  TransitionLayout(add_batch_size is not None, add_sequences))
 
 
 def make_item_buffer(
@@ -229,8 +221,8 @@ def make_item_buffer(
     add_batches: bool = False,
 ) -> Buffer:
     """Independent items, no time structure; samples `[sample_batch_size, ...]`."""
-    core = _item_core(max_length, min_length, sample_batch_size)
-    return Buffer(core, ItemLayout(add_batches, add_sequences))
+    fields = _item_fields(max_length, min_length, sample_batch_size)
+    return Buffer(TrajectoryCore(**fields), ItemLayout(add_batches, add_sequences))
 
 
 def make_n_step_buffer(
@@ -249,7 +241,8 @@ def make_n_step_buffer(
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
     discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
-    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, n_step)
+    core = TrajectoryCore(**_flat_fields(max_length, min_length, sample_batch_size,
+                                         add_batch_size, n_step))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
                                          returns))
@@ -305,8 +298,9 @@ def make_prioritised_trajectory_buffer(
     """
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    core = _trajectory_core(add_batch_size, sample_batch_size, sample_sequence_length, period,
-                            min_length_time_axis, max_size, max_length_time_axis, options)
+    fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
+                                period, min_length_time_axis, max_size, max_length_time_axis)
+    core = PrioritisedCore(**fields, options=options)
     return PrioritisedBuffer(core, TrajectoryLayout())
 
 
@@ -326,7 +320,8 @@ def make_prioritised_flat_buffer(
     """A prioritised flat buffer (PER, Schaul et al. 2015)."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, 1, options)
+    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
+    core = PrioritisedCore(**fields, options=options)
     return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
 
 
@@ -346,7 +341,8 @@ def make_prioritised_item_buffer(
     """Prioritised independent items."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    core = _item_core(max_length, min_length, sample_batch_size, options)
+    core = PrioritisedCore(**_item_fields(max_length, min_length, sample_batch_size),
+                           options=options)
     return PrioritisedBuffer(core, ItemLayout(add_batches, add_sequences))
 
 
@@ -374,8 +370,8 @@ def make_prioritised_n_step_buffer(
     add_batch_size, priority_exponent, n_step=3)`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    core = _flat_core(max_length, min_length, sample_batch_size, add_batch_size, n_step,
-                      options)
+    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step)
+    core = PrioritisedCore(**fields, options=options)
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return PrioritisedBuffer(
         core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)

@@ -119,9 +119,11 @@ def local_buffer(buffer: Buffer, num_shards: int) -> Buffer:
 def sharded_init(buffer: Buffer, experience: PyTree, num_shards: int) -> Any:
     """The empty state with global experience and one priority tree per shard (traceable)."""
     state = buffer.init(experience)
-    if not isinstance(buffer.core, PrioritisedCore):
+    if not isinstance(state, PrioritisedTrajectoryBufferState):
         return state
-    trees = local_buffer(buffer, num_shards).core.empty_priorities()
+    local = local_buffer(buffer, num_shards).core
+    assert isinstance(local, PrioritisedCore)
+    trees = local.empty_priorities()
     return state.replace(priority_state=jax.tree.map(
         lambda x: jnp.broadcast_to(x, (num_shards, *x.shape)), trees))
 

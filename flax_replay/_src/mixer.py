@@ -57,9 +57,8 @@ class Mixer:
     def split(self, sample: Any) -> list:
         """The per-buffer parts of a mixed sample (an empty part for a zero share)."""
         bounds = [0, *itertools.accumulate(self.batch_sizes)]
-        return [
-            jax.tree.map(lambda x: x[lo:hi], sample) for lo, hi in zip(bounds[:-1], bounds[1:])
-        ]
+        return [jax.tree.map(lambda x, lo=lo, hi=hi: x[lo:hi], sample)
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def can_sample(self, states: Sequence[Any]) -> jax.Array:
         return jnp.all(jnp.stack([b.can_sample(s) for b, s in zip(self.buffers, states)]))

@@ -10,7 +10,7 @@ only. An item is drawn with probability `leaf / total`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,7 @@ from flax_replay._src.typing import Array, PyTree
 SAMPLING_MODES = ("stratified", "independent")
 
 
-@struct.dataclass
-class PriorityState:
+class PriorityState(struct.PyTreeNode):
     """Collection "priorities": the exact sum tree, the min tree for importance weights, and the
     largest priority ever set (new items get it).
 
@@ -37,7 +36,6 @@ class PriorityState:
     max_priority: Array
 
 
-@struct.dataclass
 class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     """Prioritised buffer state: the uniform fields and `running_index` (int32 `[]`, steps written
     per row, never wrapped) in "replay"; `priority_state` in "priorities"."""
@@ -46,7 +44,6 @@ class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     priority_state: PriorityState
 
 
-@struct.dataclass
 class PrioritisedSample(Sample):
     """A prioritised sample.
 
@@ -141,7 +138,7 @@ class PrioritisedCore(TrajectoryCore):
     # ---------------------------------------------------------------------------------- add
     def add(self, state: PrioritisedTrajectoryBufferState, rows: PyTree,  # type: ignore[override]
             what: str = "add") -> PrioritisedTrajectoryBufferState:
-        new = super().add(state, rows, what)
+        new = cast(PrioritisedTrajectoryBufferState, super().add(state, rows, what))
         a, written = self.steps_in(rows, what), state.running_index
         return new.replace(running_index=written + a,
                            priority_state=self.after_add(state.priority_state, written, a))

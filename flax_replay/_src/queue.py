@@ -19,8 +19,7 @@ from flax_replay._src.core import Sample, empty_storage
 from flax_replay._src.typing import Array, PyTree
 
 
-@struct.dataclass
-class TrajectoryQueueState:
+class TrajectoryQueueState(struct.PyTreeNode):
     """experience `[add_batch_size, T, ...]`; write_index, read_index int32 `[]`; is_full bool."""
 
     experience: PyTree

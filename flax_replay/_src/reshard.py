@@ -13,17 +13,19 @@ import jax
 import jax.numpy as jnp
 
 from flax_replay._src import sum_tree
+from flax_replay._src.core import TrajectoryCore
 from flax_replay._src.priorities import PrioritisedCore, PrioritisedTrajectoryBufferState
 from flax_replay._src.typing import Array
 
 
-def regroup_priorities(state: Any, core: PrioritisedCore, num_shards: Optional[int]) -> Any:
+def regroup_priorities(state: Any, core: TrajectoryCore, num_shards: Optional[int]) -> Any:
     """`state` with its priorities in `num_shards` trees (None: one tree, the single-device
     layout), from a state of the buffer `core` with any number of trees. A new shard's max
     priority is the largest of the old shards' its rows came from. Uniform states are
     returned as they are. Traceable; reads the trees whole."""
     if not isinstance(state, PrioritisedTrajectoryBufferState):
         return state
+    assert isinstance(core, PrioritisedCore)
     ps = state.priority_state
     n, rows = core.num_items, core.add_batch_size
     branching = core.options.branching

@@ -59,7 +59,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_replay._src import checks, layout, sum_tree
 from flax_replay._src.buffers import Buffer
-from flax_replay._src.core import Sample, TrajectoryBufferState
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -77,6 +77,12 @@ def _where(mask: Array, tree: PyTree) -> PyTree:
         return jnp.where(m, x, jnp.zeros_like(x))
 
     return jax.tree.map(keep, tree)
+
+
+def _prioritised(core: TrajectoryCore) -> PrioritisedCore:
+    """`core`, known to be prioritised (the prioritised paths are only taken for those)."""
+    assert isinstance(core, PrioritisedCore)
+    return core
 
 
 def _block_to_state(state):
@@ -240,7 +246,8 @@ class ShardedBuffer:
 
         return self._map(body, (self.partition_specs(state),), P())(state)
 
-    def sample(self, state: TrajectoryBufferState, rng_key: Array, batch_size: Optional[int] = None):
+    def sample(self, state: TrajectoryBufferState, rng_key: Array,
+               batch_size: Optional[int] = None):
         """`batch_size` items (default `sample_batch_size`), every leaf sharded along its
         leading batch axis. A prioritised sample's `indices` are the single-device leaf
         indices and `probabilities` the probabilities of this sampling mode."""
@@ -267,7 +274,7 @@ class ShardedBuffer:
     def _sample_local(self, state: TrajectoryBufferState, key: Array, b: int):
         k, s = self._shard(), self.num_shards
         out = self.local.sample(state, jax.random.fold_in(key, k), b // s)
-        if not self.prioritised:
+        if not isinstance(out, PrioritisedSample):
             return out
         return out.replace(indices=out.indices + k * self.local.core.num_items,
                            probabilities=out.probabilities / s)
@@ -285,11 +292,12 @@ class ShardedBuffer:
     def _sample_global_prioritised(self, state: TrajectoryBufferState, key: Array, b: int):
         """Every shard inverts the same targets over the shards' totals, then its own tree
         for the targets that fall on it."""
-        k, core = self._shard(), self.local.core
+        k, core = self._shard(), _prioritised(self.local.core)
+        assert isinstance(state, PrioritisedTrajectoryBufferState)
         ps = state.priority_state
         totals = jax.lax.all_gather(sum_tree.root(ps.sum_tree), self.axis)  # [S]
         grand = jnp.sum(totals)
-        target = self.buffer.core.targets(key, b) * grand  # the same on every shard
+        target = core.targets(key, b) * grand  # the same on every shard
         ends = jnp.cumsum(totals)
         owner = jnp.searchsorted(ends, target, side="right")
         # Rounding can put a target at the very end: give it to the last positive shard.
@@ -317,14 +325,15 @@ class ShardedBuffer:
 
         return jax.tree.map(reduce_scatter, _where(mine, out))
 
-    def set_priorities(self, state: TrajectoryBufferState, indices: Array | PrioritisedSample, priorities: Array,
-                       versions: Optional[Array] = None):
+    def set_priorities(self, state: TrajectoryBufferState, indices: Array | PrioritisedSample,
+                       priorities: Array, versions: Optional[Array] = None):
         """Sets raw priorities `[B]` at (single-device) leaf `indices` `[B]`; pass the sample
         itself as `indices` to drop stale updates. Local sampling: the indices and priorities
         of a local sample, sharded as it was; each shard updates its own tree with no
         communication. Global sampling: any indices; each shard applies its own."""
         if isinstance(indices, PrioritisedSample):
-            indices, versions = indices.indices, indices.versions
+            sample = indices
+            indices, versions = sample.indices, sample.versions
         indices, priorities = jnp.asarray(indices), jnp.asarray(priorities)
         n = self.buffer.core.num_items
         if self.sampling == "local":
@@ -358,15 +367,16 @@ class ShardedBuffer:
                     "set_priorities (local sampling): index {i} is not on the shard that "
                     "received it; pass a local sample's indices as sharded, or use "
                     "sampling='global'", i=jnp.where(mine, -1, indices).max())
-            new = self.local.core.set_priorities(_block_to_state(state), jnp.where(mine, j, 0),
-                                                 priorities, *versions, mask=mine)
+            new = _prioritised(self.local.core).set_priorities(
+                _block_to_state(state), jnp.where(mine, j, 0), priorities,
+                versions[0] if versions else None, mask=mine)
             return _state_to_block(new)
 
         specs = self.partition_specs(state)
         return self._map(body, (specs,) + (spec,) * len(args), specs)(state, *args)
 
-    def importance_weights(self, state: TrajectoryBufferState, sample: PrioritisedSample, beta: float | Array = 0.4,
-                           normalise: str = "buffer") -> Array:
+    def importance_weights(self, state: TrajectoryBufferState, sample: PrioritisedSample,
+                           beta: float | Array = 0.4, normalise: str = "buffer") -> Array:
         """`[B]` weights `(N P(i)) ** -beta` normalised by the largest weight in the buffer or
         batch, with `P(i)` the probability of this sampling mode."""
         return importance_weights(sample.probabilities, self._min_probability(state), beta,

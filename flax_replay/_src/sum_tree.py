@@ -59,10 +59,10 @@ def geometry(num_leaves: int, branching: int = DEFAULT_BRANCHING) -> Geometry:
         raise ValueError(f"a sum tree needs at least one leaf, got num_leaves={num_leaves}")
     if branching < 2:
         raise ValueError(f"branching must be >= 2, got {branching}")
-    sizes = [_round_up(num_leaves, branching)]
-    while sizes[-1] > branching:
-        sizes.append(_round_up(sizes[-1] // branching, branching))
-    sizes = tuple(reversed(sizes + [1]))
+    below = [_round_up(num_leaves, branching)]  # level sizes, leaves first
+    while below[-1] > branching:
+        below.append(_round_up(below[-1] // branching, branching))
+    sizes = tuple(reversed(below + [1]))
     offsets = tuple(itertools.accumulate((0,) + sizes[:-1]))
     return Geometry(branching, num_leaves, sizes, offsets)
 
@@ -326,7 +326,7 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
 
     node = jnp.zeros(targets.shape, jnp.int32)
     target = targets.astype(jnp.float32)
-    value = None
+    value = jnp.zeros(targets.shape, jnp.float32)  # replaced at the first level
     # Unrolled, each level read through a static slice of itself: XLA:CPU then costs a
     # read by the level's size, and does not split the reads of small levels across
     # threads (a hand-off costs more than the read; a loop over the levels would read
