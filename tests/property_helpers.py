@@ -258,7 +258,7 @@ def check_sampled_items(case: Case, experience) -> list[tuple[int, int]]:
     return items
 
 
-def _reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -> np.ndarray:
+def reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -> np.ndarray:
     """Every level of a `branching`-ary tree over `leaves`, root first, as one flat array."""
     levels = [np.concatenate([leaves, np.full(geo.sizes[-1] - leaves.size, identity)])]
     for size in reversed(geo.sizes[:-1]):
@@ -276,11 +276,11 @@ def check_priorities(case: Case, state) -> None:
     geo = sum_tree.geometry(len(m.leaves), case.branching)
     np.testing.assert_allclose(sum_tree.leaves(ps.sum_tree, geo), m.leaves, rtol=1e-6, atol=0,
                                err_msg="sum-tree leaves")
-    np.testing.assert_allclose(ps.sum_tree, _reference_tree(m.leaves, geo, np.sum, 0.0),
+    np.testing.assert_allclose(ps.sum_tree, reference_tree(m.leaves, geo, np.sum, 0.0),
                                rtol=1e-5, atol=0, err_msg="sum-tree nodes (root first)")
     assert ps.sum_tree[0] > 0 or not m.leaves.any()
     min_leaves = np.where(m.leaves > 0, m.leaves, np.inf)
-    np.testing.assert_allclose(ps.min_tree, _reference_tree(min_leaves, geo, np.min, np.inf),
+    np.testing.assert_allclose(ps.min_tree, reference_tree(min_leaves, geo, np.min, np.inf),
                                rtol=1e-6, atol=0, err_msg="min tree")
     np.testing.assert_allclose(ps.max_priority, m.max_priority, rtol=1e-7,
                                err_msg="max_priority")
