@@ -4,6 +4,7 @@ errors. The training run is tests/resume_job.py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -197,9 +199,37 @@ def test_restore_roundtrip_with_typed_and_raw_keys(tmp_path, trained):
         assert int(new.step) == int(state.step) > 0
 
 
-def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path):
+@pytest.fixture
+def held_write(monkeypatch):
+    """Test instrumentation: Orbax's write of any array of shape `held_write.shape` waits
+    (in Orbax's background thread) until `held_write.release` is set, after setting
+    `held_write.started`. Patches Orbax's private serialization module: if Orbax stops
+    calling it, `started` is never set and the test fails instead of passing vacuously."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    original = serialization.async_serialize_from_host
+    held = types.SimpleNamespace(shape=None, started=threading.Event(),
+                                 release=threading.Event(), finished=threading.Event())
+
+    async def hold(rslices_on_host, tensorstore_spec, **kwargs):
+        if tuple(rslices_on_host.global_shape) == held.shape:
+            held.started.set()
+            await asyncio.to_thread(held.release.wait, 60)  # bounded: never hang the suite
+            await original(rslices_on_host, tensorstore_spec, **kwargs)
+            held.finished.set()
+        else:
+            await original(rslices_on_host, tensorstore_spec, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", hold)
+    yield held
+    held.release.set()
+
+
+def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path, held_write):
     """Orbax keeps references to the arrays while it writes (on CPU, zero-copy views): a
-    donated step issued meanwhile must not overwrite what is being written."""
+    donated step issued meanwhile must not overwrite what is being written. The race is
+    made certain: the write of the experience is held back until the donated step has
+    run, and the test checks that it had started and not finished at that moment."""
     buffer = fbx.make_prioritised_flat_buffer(max_length=4096, min_length=1,
                                               sample_batch_size=1, add_batch_size=4)
     cols = fbx.to_collections(buffer.init({"obs": jnp.zeros(1024)}))
@@ -217,9 +247,17 @@ def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path):
 
     overwrite = jax.jit(overwrite, donate_argnums=0)
     manager = ckpt.make_manager(tmp_path)
-    ckpt.save(manager, 1, state, jax.random.key(1))
-    state = jax.block_until_ready(overwrite(state))  # while the save is (likely) in flight
+    held_write.shape = before.shape
+    try:
+        assert ckpt.save(manager, 1, state, jax.random.key(1))
+        assert held_write.started.wait(60), "Orbax never wrote the experience (hook not called)"
+        assert manager.is_saving_in_progress() and not held_write.finished.is_set()
+        state = jax.block_until_ready(overwrite(state))  # donated, while the save is held
+        assert not held_write.finished.is_set()  # the race happened
+    finally:
+        held_write.release.set()
     manager.wait_until_finished()
+    assert held_write.finished.is_set()
     np.testing.assert_array_equal(np.asarray(state.replay["b"]["experience"]["obs"]),
                                   before + 1)
     restored, _, _ = ckpt.restore(manager, state, jax.random.key(0))
