@@ -19,11 +19,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flax_replay as fbx
 from flax_replay import checkpoint as ckpt
+from flax_replay._src import checkpoint as ckpt_impl
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -348,6 +350,56 @@ def test_damaged_checkpoint_names_step_and_previous_restores(saved, trained, tmp
                                 (host[0], host[2], host[3]))
     # The params item is intact, so evaluation still works from the damaged step.
     assert _equal(ckpt.restore_params(manager, state.params), host[0])
+
+
+def test_read_error_after_the_check_is_a_checkpoint_error(saved, trained, tmp_path,
+                                                           monkeypatch):
+    """Arrays are read only after the metadata matched the template, so whatever Orbax
+    raises then (here its real shape error, as if the files had changed between the check
+    and the read) is a CheckpointError naming the step, whatever its message says."""
+    _, state, rng = trained
+    monkeypatch.setattr(ckpt_impl, "check_compatible", lambda *args: None)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint step 2 .*could not be read "
+                                                   r"\(arrays\).*Other steps available: \[1\]"
+                       ) as info:
+        ckpt.restore(ckpt.make_manager(saved), _template(max_length=64), rng)
+    assert isinstance(info.value.__cause__, ValueError), info.value.__cause__
+
+
+def _custom_manager(directory):
+    """A user's own CheckpointManager, with another step name format: ckpt_000003."""
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=ocp.step.standard_name_format(step_prefix="ckpt",
+                                                       step_format_fixed_length=6))
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=ckpt.ITEMS,
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ckpt.ITEMS})
+
+
+def test_step_directory_honours_a_custom_step_name_format(tmp_path, trained):
+    """Our one private Orbax call (`_step_directory`) finds a custom-named step, so restores
+    and mismatch checks work on a user's manager. Fails if an Orbax release drops or changes
+    `CheckpointManager._get_read_step_directory`."""
+    host, state, rng = trained
+    manager = _custom_manager(tmp_path)
+    assert ckpt.save(manager, 3, state, rng)
+    manager.wait_until_finished()
+    assert ckpt_impl._step_directory(manager, 3) == tmp_path / "ckpt_000003"
+    assert (tmp_path / "ckpt_000003" / "replay").is_dir()
+    new, _, step = ckpt.restore(_custom_manager(tmp_path), state, rng)
+    assert step == 3 and _equal((new.params, new.replay, new.priorities),
+                                (host[0], host[2], host[3]))
+    with pytest.raises(ValueError, match="buffer capacity differs"):
+        ckpt.restore(manager, _template(max_length=64), rng)
+
+
+def test_step_directory_fallback_is_the_standard_format(saved):
+    """Without the private method (an object that lacks it; Orbax itself needs it on a
+    real manager), `make_manager`'s (standard) step directories are found."""
+    assert ckpt_impl._step_directory(ckpt.make_manager(saved), 2) == saved / "2"
+    without = types.SimpleNamespace(directory=ckpt.make_manager(saved).directory)
+    assert ckpt_impl._step_directory(without, 1) == saved / "1"
+    assert ckpt_impl._step_directory(without, 2) == saved / "2"
 
 
 def test_missing_step_and_empty_directory(tmp_path, saved, trained):
