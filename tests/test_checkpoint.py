@@ -352,12 +352,11 @@ def test_damaged_checkpoint_names_step_and_previous_restores(saved, trained, tmp
     assert _equal(ckpt.restore_params(manager, state.params), host[0])
 
 
-def test_read_error_after_the_check_is_a_checkpoint_error(saved, trained, tmp_path,
-                                                           monkeypatch):
+def test_read_error_after_the_check_is_a_checkpoint_error(saved, trained, monkeypatch):
     """Arrays are read only after the metadata matched the template, so whatever Orbax
     raises then (here its real shape error, as if the files had changed between the check
     and the read) is a CheckpointError naming the step, whatever its message says."""
-    _, state, rng = trained
+    _, _, rng = trained
     monkeypatch.setattr(ckpt_impl, "check_compatible", lambda *args: None)
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint step 2 .*could not be read "
                                                    r"\(arrays\).*Other steps available: \[1\]"
