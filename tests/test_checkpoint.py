@@ -352,6 +352,7 @@ def test_damaged_checkpoint_names_step_and_previous_restores(saved, trained, tmp
     assert _equal(ckpt.restore_params(manager, state.params), host[0])
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax threads
 def test_read_error_after_the_check_is_a_checkpoint_error(saved, trained, monkeypatch):
     """Arrays are read only after the metadata matched the template, so whatever Orbax
     raises then (here its real shape error, as if the files had changed between the check
