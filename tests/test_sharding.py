@@ -232,6 +232,10 @@ def test_compiled_collectives(mesh, filled, prioritised):
     found = collectives(checked.lower(state, key).compile())
     assert all(k == "all-reduce" and all(s == () for s in shapes) for k, shapes in found), found
     assert len(found) == (1 if prioritised else 0)
+    # can_sample itself: uniform shards know it from the replicated write position.
+    for sb in (local, glob):
+        found = collectives(jax.jit(sb.can_sample).lower(state).compile())
+        assert found == ([("all-reduce", [()])] if prioritised else []), found
 
     # Global sampling moves only the sampled items (reduce-scatter of [B, ...]) and, when
     # prioritised, the S shard totals; never anything of the buffer's size.
