@@ -258,7 +258,7 @@ def check_sampled_items(case: Case, experience) -> list[tuple[int, int]]:
     return items
 
 
-def _reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -> np.ndarray:
+def reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -> np.ndarray:
     """Every level of a `branching`-ary tree over `leaves`, root first, as one flat array."""
     levels = [np.concatenate([leaves, np.full(geo.sizes[-1] - leaves.size, identity)])]
     for size in reversed(geo.sizes[:-1]):
@@ -276,11 +276,11 @@ def check_priorities(case: Case, state) -> None:
     geo = sum_tree.geometry(len(m.leaves), case.branching)
     np.testing.assert_allclose(sum_tree.leaves(ps.sum_tree, geo), m.leaves, rtol=1e-6, atol=0,
                                err_msg="sum-tree leaves")
-    np.testing.assert_allclose(ps.sum_tree, _reference_tree(m.leaves, geo, np.sum, 0.0),
+    np.testing.assert_allclose(ps.sum_tree, reference_tree(m.leaves, geo, np.sum, 0.0),
                                rtol=1e-5, atol=0, err_msg="sum-tree nodes (root first)")
     assert ps.sum_tree[0] > 0 or not m.leaves.any()
     min_leaves = np.where(m.leaves > 0, m.leaves, np.inf)
-    np.testing.assert_allclose(ps.min_tree, _reference_tree(min_leaves, geo, np.min, np.inf),
+    np.testing.assert_allclose(ps.min_tree, reference_tree(min_leaves, geo, np.min, np.inf),
                                rtol=1e-6, atol=0, err_msg="min tree")
     np.testing.assert_allclose(ps.max_priority, m.max_priority, rtol=1e-7,
                                err_msg="max_priority")
@@ -317,8 +317,10 @@ def check_prioritised_sample(case: Case, sample, weights, batch_weights) -> list
 
 
 # -------------------------------------------------------------------------------- drivers
-def _add(case: Case, fns, state, data):
-    shape = data.draw(st.sampled_from(case.batch_shapes), label="add batch shape")
+def _add(case: Case, fns, state, data=None, shape: Optional[tuple] = None):
+    """One add of a batch of `shape` (drawn from `data` if not given), checked whole."""
+    if shape is None:
+        shape = data.draw(st.sampled_from(case.batch_shapes), label="add batch shape")
     ids = case.steps.new(shape)
     state, can = fns.add(state, case.steps.tree(ids))
     before = set(case.model.valid_items())
@@ -343,13 +345,28 @@ def _check_refuses_early_sample(case: Case, state) -> None:
         raise AssertionError("sample() of a buffer that cannot be sampled did not raise")
 
 
+def _until_sampleable(case: Case, fns, state):
+    """Adds batches (of the first batch shape, each checked like any add) until the model can
+    sample, so that every example ends with a support check. Terminates: once the rows have
+    been written over, every valid item is new and has a positive priority (the largest
+    recorded, >= 1), and the minimum length is met."""
+    m = case.model
+    event(f"sampleable after the random operations: {m.can_sample()}")
+    steps_per_add = math.prod(case.batch_shapes[0]) // m.rows or 1
+    for _ in range(-(-(m.capacity + m.min_length + m.sequence_length) // steps_per_add) + 1):
+        if m.can_sample():
+            return state
+        state = _add(case, fns, state, shape=case.batch_shapes[0])
+    raise AssertionError(f"the model still cannot sample after {m.written} steps per row")
+
+
 def _check_support(case: Case, sample_fn, state, prioritised: bool) -> None:
     """Over many draws every item that should be reachable is reached, and nothing else is:
     uniform, every valid item; prioritised, every item of probability at least
-    10 / draws (a miss then has chance below e^-10)."""
+    10 / draws (a miss then has chance below e^-10). The state must be sampleable (see
+    `_until_sampleable`): a support check that is skipped proves nothing."""
     m = case.model
-    if not m.can_sample():
-        return
+    assert m.can_sample(), "the support check needs a sampleable state"
     items = set(m.valid_items())
     n_calls, b = 200, case.buffer.core.sample_batch_size
     if prioritised:
@@ -385,6 +402,7 @@ def run_uniform(case: Case, data) -> None:
         elif not checked_early:
             _check_refuses_early_sample(case, state)
             checked_early = True
+    state = _until_sampleable(case, fns, state)
     _check_support(case, fns.sample, state, prioritised=False)
     _events(case)
 
@@ -452,6 +470,7 @@ def run_prioritised(case: Case, data) -> None:
         check_storage(case, state)
         check_priorities(case, state)
         assert bool(can) == m.can_sample(), "can_sample after set_priorities"
+    state = _until_sampleable(case, fns, state)
     _check_support(case, fns.sample, state, prioritised=True)
     _events(case)
 
@@ -460,4 +479,3 @@ def _events(case: Case) -> None:
     """Coverage statistics (pytest --hypothesis-show-statistics)."""
     m = case.model
     event(f"time axis filled {min(m.written // m.capacity, 3)}+ times")
-    event(f"can_sample at the end: {m.can_sample()}")

@@ -4,6 +4,8 @@ errors. The training run is tests/resume_job.py."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import random
 import shutil
@@ -12,16 +14,19 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flax_replay as fbx
 from flax_replay import checkpoint as ckpt
+from flax_replay._src import checkpoint as ckpt_impl
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -197,9 +202,37 @@ def test_restore_roundtrip_with_typed_and_raw_keys(tmp_path, trained):
         assert int(new.step) == int(state.step) > 0
 
 
-def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path):
+@pytest.fixture
+def held_write(monkeypatch):
+    """Test instrumentation: Orbax's write of any array of shape `held_write.shape` waits
+    (in Orbax's background thread) until `held_write.release` is set, after setting
+    `held_write.started`. Patches Orbax's private serialization module: if Orbax stops
+    calling it, `started` is never set and the test fails instead of passing vacuously."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    original = serialization.async_serialize_from_host
+    held = types.SimpleNamespace(shape=None, started=threading.Event(),
+                                 release=threading.Event(), finished=threading.Event())
+
+    async def hold(rslices_on_host, tensorstore_spec, **kwargs):
+        if tuple(rslices_on_host.global_shape) == held.shape:
+            held.started.set()
+            await asyncio.to_thread(held.release.wait, 60)  # bounded: never hang the suite
+            await original(rslices_on_host, tensorstore_spec, **kwargs)
+            held.finished.set()
+        else:
+            await original(rslices_on_host, tensorstore_spec, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", hold)
+    yield held
+    held.release.set()
+
+
+def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path, held_write):
     """Orbax keeps references to the arrays while it writes (on CPU, zero-copy views): a
-    donated step issued meanwhile must not overwrite what is being written."""
+    donated step issued meanwhile must not overwrite what is being written. The race is
+    made certain: the write of the experience is held back until the donated step has
+    run, and the test checks that it had started and not finished at that moment."""
     buffer = fbx.make_prioritised_flat_buffer(max_length=4096, min_length=1,
                                               sample_batch_size=1, add_batch_size=4)
     cols = fbx.to_collections(buffer.init({"obs": jnp.zeros(1024)}))
@@ -217,9 +250,17 @@ def test_donated_step_during_async_save_leaves_checkpoint_intact(tmp_path):
 
     overwrite = jax.jit(overwrite, donate_argnums=0)
     manager = ckpt.make_manager(tmp_path)
-    ckpt.save(manager, 1, state, jax.random.key(1))
-    state = jax.block_until_ready(overwrite(state))  # while the save is (likely) in flight
+    held_write.shape = before.shape
+    try:
+        assert ckpt.save(manager, 1, state, jax.random.key(1))
+        assert held_write.started.wait(60), "Orbax never wrote the experience (hook not called)"
+        assert manager.is_saving_in_progress() and not held_write.finished.is_set()
+        state = jax.block_until_ready(overwrite(state))  # donated, while the save is held
+        assert not held_write.finished.is_set()  # the race happened
+    finally:
+        held_write.release.set()
     manager.wait_until_finished()
+    assert held_write.finished.is_set()
     np.testing.assert_array_equal(np.asarray(state.replay["b"]["experience"]["obs"]),
                                   before + 1)
     restored, _, _ = ckpt.restore(manager, state, jax.random.key(0))
@@ -310,6 +351,59 @@ def test_damaged_checkpoint_names_step_and_previous_restores(saved, trained, tmp
                                 (host[0], host[2], host[3]))
     # The params item is intact, so evaluation still works from the damaged step.
     assert _equal(ckpt.restore_params(manager, state.params), host[0])
+    gc.collect()  # Orbax's failed reads: their warnings here, not in a later test
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax threads
+def test_read_error_after_the_check_is_a_checkpoint_error(saved, trained, monkeypatch):
+    """Arrays are read only after the metadata matched the template, so whatever Orbax
+    raises then (here its real shape error, as if the files had changed between the check
+    and the read) is a CheckpointError naming the step, whatever its message says."""
+    _, _, rng = trained
+    monkeypatch.setattr(ckpt_impl, "check_compatible", lambda *args: None)
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint step 2 .*could not be read "
+                                                   r"\(arrays\).*Other steps available: \[1\]"
+                       ) as info:
+        ckpt.restore(ckpt.make_manager(saved), _template(max_length=64), rng)
+    assert isinstance(info.value.__cause__, ValueError), info.value.__cause__
+    del info
+    gc.collect()  # Orbax's failed reads: their warnings here, not in a later test
+
+
+def _custom_manager(directory):
+    """A user's own CheckpointManager, with another step name format: ckpt_000003."""
+    options = ocp.CheckpointManagerOptions(
+        step_name_format=ocp.step.standard_name_format(step_prefix="ckpt",
+                                                       step_format_fixed_length=6))
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=ckpt.ITEMS,
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ckpt.ITEMS})
+
+
+def test_step_directory_honours_a_custom_step_name_format(tmp_path, trained):
+    """Our one private Orbax call (`_step_directory`) finds a custom-named step, so restores
+    and mismatch checks work on a user's manager. Fails if an Orbax release drops or changes
+    `CheckpointManager._get_read_step_directory`."""
+    host, state, rng = trained
+    manager = _custom_manager(tmp_path)
+    assert ckpt.save(manager, 3, state, rng)
+    manager.wait_until_finished()
+    assert ckpt_impl._step_directory(manager, 3) == tmp_path / "ckpt_000003"
+    assert (tmp_path / "ckpt_000003" / "replay").is_dir()
+    new, _, step = ckpt.restore(_custom_manager(tmp_path), state, rng)
+    assert step == 3 and _equal((new.params, new.replay, new.priorities),
+                                (host[0], host[2], host[3]))
+    with pytest.raises(ValueError, match="buffer capacity differs"):
+        ckpt.restore(manager, _template(max_length=64), rng)
+
+
+def test_step_directory_fallback_is_the_standard_format(saved):
+    """Without the private method (an object that lacks it; Orbax itself needs it on a
+    real manager), `make_manager`'s (standard) step directories are found."""
+    assert ckpt_impl._step_directory(ckpt.make_manager(saved), 2) == saved / "2"
+    without = types.SimpleNamespace(directory=ckpt.make_manager(saved).directory)
+    assert ckpt_impl._step_directory(without, 1) == saved / "1"
+    assert ckpt_impl._step_directory(without, 2) == saved / "2"
 
 
 def test_missing_step_and_empty_directory(tmp_path, saved, trained):

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 import flax_replay as fbx
+from flax_replay._src import sum_tree
 
 ALPHA = 0.6
 DRAWS = 2000
@@ -30,7 +31,8 @@ def filled(buffer, offset, steps):
 
 @pytest.fixture(scope="module")
 def two_buffers():
-    a, b = make(32), make(64)  # 2 rows x 16 steps, 2 rows x 32 steps
+    # 2 rows x 15 steps, 2 rows x 31 steps: 30 and 62 leaves, so both leaf levels have padding.
+    a, b = make(30), make(62)
     state_a, state_b = filled(a, 0, 20), filled(b, 100_000, 30)
     # Buffer b: priorities rise with the leaf, so most of its mass sits at the end of its
     # tree (what a mixer that keeps the first rows of a sorted sample never reaches).
@@ -43,8 +45,8 @@ def two_buffers():
 
 
 def leaf_weights(buffer, state):
-    n = buffer.core.num_items
-    return np.asarray(state.priority_state.sum_tree[-n:], np.float64)
+    tree, geo = state.priority_state.sum_tree, buffer.core.tree_geometry
+    return np.asarray(sum_tree.leaves(tree, geo), np.float64)
 
 
 @pytest.mark.parametrize("batch,proportions", [

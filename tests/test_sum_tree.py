@@ -61,71 +61,200 @@ def build(values, branching=16):
 
 
 # ----------------------------------------------------------------------- a million updates
-NUM_LEAVES = 50_003  # not a multiple of 16: the last family has padding children
-CALLS, STEPS, BATCH = 10, 100, 1000  # 10 * 100 * 1000 = one million leaf writes
+# Drift is measured through the code the buffers run: `update_sum_min` itself (a million
+# writes, in batches of 1000 (its batched path), 2 and 1 (its small-batch path)), and real
+# buffers' `add` and `set_priorities`, jitted, donated and scanned: one row (an add writes 2
+# entries: the small-batch path) with updates of 1 and 2 priorities, and six rows (an add
+# writes 12 entries) with updates of 100.
+NUM_LEAVES = 50_003  # 50_003 = 4 * 12_500 + 3: the leaf level has padding
+STEPS, BATCH = 1000, 1000  # 1000 * (1000 + 2 + 1): a million leaf writes
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _random_updates(geo, trees, key):
-    def body(_, carry):
-        trees, key = carry
-        key, k_idx, k_mag, k_zero = jax.random.split(key, 4)
-        index = jax.random.randint(k_idx, (BATCH,), 0, geo.num_leaves)
-        # Nine decades either side of 1, and 10% zeros, so that small leaves sit next to
-        # huge ones: a delta-updated float32 tree drifts badly on exactly this.
-        value = jnp.exp(jax.random.uniform(k_mag, (BATCH,), minval=-20.0, maxval=20.0))
-        value = jnp.where(jax.random.uniform(k_zero, (BATCH,)) < 0.1, 0.0, value)
-        mins = jnp.where(value > 0, value, jnp.inf)
-        trees = sum_tree.update(trees, geo, index, (value, mins), jnp.ones(BATCH, bool),
-                                ("sum", "min"))
-        return trees, key
-
-    return jax.lax.fori_loop(0, STEPS, body, (trees, key))
+def wide_values(rng, shape):
+    """float32 priorities from e^-20 to e^20, and 10% zeros, so that small leaves sit next
+    to huge ones: a delta-updated float32 tree drifts badly on exactly this."""
+    value = np.exp(rng.uniform(-20.0, 20.0, shape)).astype(np.float32)
+    return np.where(rng.random(shape) < 0.1, np.float32(0.0), value)
 
 
-@pytest.fixture(scope="module")
-def drifted():
-    geo = sum_tree.geometry(NUM_LEAVES)
-    trees = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf))
-    key = jax.random.key(0)
-    for _ in range(CALLS):
-        trees, key = _random_updates(geo, trees, key)
-    return geo, jax.device_get(trees)
-
-
-def test_million_updates_root_is_the_sum_of_the_leaves(drifted):
-    geo, (sums, mins) = drifted
-    leaves = levels(sums, geo)[-1].astype(np.float64)
-    assert (leaves == 0).sum() > 1000 and (leaves > 1e6).sum() > 1000  # the mix we meant
+def assert_exact_trees(sums, mins, geo, expected=None):
+    """The leaves (`expected` if given) and their padding, the root against a float64 sum,
+    every parent against its children, and the min tree against the sum tree's leaves."""
+    sums, mins = np.asarray(sums), np.asarray(mins)
+    leaf_level, min_level = levels(sums, geo)[-1], levels(mins, geo)[-1]
+    leaves = leaf_level[: geo.num_leaves].astype(np.float64)
+    if expected is not None:
+        np.testing.assert_array_equal(leaves, expected)
+    assert np.all(leaf_level[geo.num_leaves :] == 0)
+    assert np.all(min_level[geo.num_leaves :] == np.inf)
+    # The mix we meant: zeros, huge leaves, and leaves below the float32 ulp of the root.
+    assert (leaves == 0).sum() > 100 and (leaves > 1e6).sum() > 100
+    assert ((leaves > 0) & (leaves < 1e-3)).sum() > 100
     exact = leaves.sum()
     rel = abs(float(sums[0]) - exact) / exact
     print(f"root {float(sums[0])!r} vs float64 sum {exact!r}: relative error {rel:.2e}")
     assert rel < 1e-6
     assert_parents_are_children_reductions(sums, geo, "sum")
     assert_parents_are_children_reductions(mins, geo, "min")
-    min_leaves = levels(mins, geo)[-1]
-    np.testing.assert_array_equal(min_leaves, np.where(leaves > 0, leaves, np.inf))
+    np.testing.assert_array_equal(min_level[: geo.num_leaves], np.where(leaves > 0, leaves, np.inf))
     assert float(mins[0]) == leaves[leaves > 0].min()
 
 
-def test_zeroed_subtree_after_drift_is_exactly_zero_and_never_sampled(drifted):
-    geo, (sums, mins) = drifted
-    # Zero the whole first depth-1 family (16**3 leaves) and every odd leaf elsewhere.
+def last_wins(expected, index, value):
+    """NumPy: `expected[index] = value` entry by entry (the last of duplicates wins)."""
+    last = index.size - 1 - np.unique(index[::-1], return_index=True)[1]
+    expected[index[last]] = value[last]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1, 2))
+def _scanned_update_sum_min(geo, sums, mins, writes):
+    def body(trees, batches):
+        for index, value in batches:
+            trees = sum_tree.update_sum_min(*trees, geo, index, value,
+                                            jnp.ones(index.shape, bool))
+        return trees, None
+
+    return jax.lax.scan(body, (sums, mins), writes)[0]
+
+
+@pytest.fixture(scope="module")
+def drifted():
+    """A tree after a million `update_sum_min` writes, and its leaves by NumPy."""
+    geo = sum_tree.geometry(NUM_LEAVES)
+    rng = np.random.default_rng(0)
+    writes = []
+    for b in (BATCH, 2, 1):
+        index = rng.integers(0, NUM_LEAVES, (STEPS, b)).astype(np.int32)
+        if b == 2:
+            index[::4, 1] = index[::4, 0]  # duplicates in the small-batch path too
+        writes.append((index, wide_values(rng, (STEPS, b))))
+    expected = np.zeros(NUM_LEAVES, np.float32)
+    for t in range(STEPS):
+        for index, value in writes:
+            last_wins(expected, index[t], value[t])
+    trees = _scanned_update_sum_min(geo, sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf),
+                                    tuple(writes))
+    return geo, jax.device_get(trees), expected
+
+
+def test_million_updates_root_is_the_sum_of_the_leaves(drifted):
+    geo, (sums, mins), expected = drifted
+    assert_exact_trees(sums, mins, geo, expected)
+
+
+def zero_block_and_odd_leaves(geo):
+    """The leaves of the first depth-1 family (a quarter of the tree, at least) and every
+    odd leaf after it."""
     block = geo.branching ** (len(geo.sizes) - 2)
-    zero = np.concatenate([np.arange(block), np.arange(block + 1, geo.num_leaves, 2)])
-    sums, mins = _update(
-        (jnp.asarray(sums), jnp.asarray(mins)), geo, jnp.asarray(zero),
-        (jnp.zeros(zero.size), jnp.full(zero.size, jnp.inf)), jnp.ones(zero.size, bool),
-        ("sum", "min"),
-    )
+    return block, np.concatenate([np.arange(block), np.arange(block + 1, geo.num_leaves, 2)])
+
+
+def assert_zeroed(sums, geo, block, sampled, sampled_values=None):
+    """The zeroed family's root is exactly 0 (recomputed from zeros, no residue of old
+    deltas), the tree is still exact, and no sampled leaf is zero or padding."""
     lv = levels(sums, geo)
-    assert lv[1][0] == 0.0  # exactly: recomputed from zeros, no residue of old deltas
+    assert lv[1][0] == 0.0
     assert_parents_are_children_reductions(sums, geo, "sum")
-    leaves = lv[-1]
+    leaves = np.asarray(sum_tree.leaves(sums, geo))
+    assert np.all(leaves[:block] == 0) and np.all(leaves[block + 1 :: 2] == 0)
+    sampled = np.asarray(sampled).reshape(-1)
+    assert sampled.min() >= 0 and sampled.max() < geo.num_leaves, "sampled a padding leaf"
+    assert np.all(leaves[sampled] > 0), "a zero-priority leaf was sampled"
+    if sampled_values is not None:
+        np.testing.assert_array_equal(np.asarray(sampled_values).reshape(-1), leaves[sampled])
+
+
+def test_zeroed_subtree_after_drift_is_exactly_zero_and_never_sampled(drifted):
+    geo, (sums, mins), _ = drifted
+    block, zero = zero_block_and_odd_leaves(geo)
+    sums, mins = jax.jit(sum_tree.update_sum_min, static_argnums=2)(
+        jnp.asarray(sums), jnp.asarray(mins), geo, jnp.asarray(zero, jnp.int32),
+        jnp.zeros(zero.size), jnp.ones(zero.size, bool))
     targets = jax.random.uniform(jax.random.key(1), (200_000,)) * sums[0]
-    got = np.asarray(_sample(sums, geo, targets))
-    assert got.max() < geo.num_leaves
-    assert np.all(leaves[got] > 0), "a zero-priority leaf was sampled"
+    assert_zeroed(sums, geo, block, _sample(sums, geo, targets))
+
+
+# Through the buffers: priorities are leaves (exponent 1); both leaf levels have padding.
+ONE_ROW = fbx.make_prioritised_flat_buffer(max_length=10_003, min_length=1,
+                                           sample_batch_size=1, priority_exponent=1.0)
+SIX_ROWS = fbx.make_prioritised_flat_buffer(max_length=6 * 8_335, min_length=1,
+                                            sample_batch_size=1, add_batch_size=6,
+                                            priority_exponent=1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _buffer_drift(buffer, state, step, updates):
+    """Per scan step: one `add` of `step`, then `set_priorities` with each of `updates`'
+    (indices, priorities) batches."""
+    def body(state, batches):
+        state = buffer.add(state, step)
+        for index, value in batches:
+            state = buffer.set_priorities(state, index, value)
+        return state, None
+
+    return jax.lax.scan(body, state, updates)[0]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=1)
+def _zero_and_sample(buffer, state, ones, pairs, rest, draws):
+    """Sets priority 0 on `rest` in one call, then on `ones` one per call and on `pairs` two
+    per call (last, so that nothing recomputes their ancestors after them), then samples
+    `draws` batches of 4096."""
+    def zero(state, index):
+        return buffer.set_priorities(state, index, jnp.zeros(index.shape)), None
+
+    state = buffer.set_priorities(state, rest, jnp.zeros(rest.shape))
+    state = jax.lax.scan(zero, state, ones[:, None])[0]
+    state = jax.lax.scan(zero, state, pairs)[0]
+    keys = jax.random.split(jax.random.key(2), draws)
+    s = jax.lax.map(lambda k: buffer.sample(state, k, 4096), keys)
+    return state, s.indices, s.priorities
+
+
+@pytest.fixture(scope="module", params=["one_row", "six_rows"])
+def drifted_buffer(request):
+    """A buffer after wrapping around its rows 3 (one row) or 2 (six rows) times, every step
+    an add and random priority updates (duplicates included) of items anywhere."""
+    rng = np.random.default_rng(1)
+    if request.param == "one_row":
+        buffer, step, wraps, sizes = ONE_ROW, {"x": jnp.float32(1)}, 3, (1, 2)
+    else:
+        buffer, step, wraps, sizes = SIX_ROWS, {"x": jnp.ones(6)}, 2, (100,)
+    n, steps = buffer.core.num_items, wraps * buffer.core.max_length_time_axis
+    updates = []
+    for b in sizes:
+        index = rng.integers(0, n, (steps, b)).astype(np.int32)
+        index[::5, -1] = index[::5, 0]  # duplicates (no-ops for b == 1)
+        updates.append((index, wide_values(rng, (steps, b))))
+    state = _buffer_drift(buffer, buffer.init({"x": jnp.float32(0)}), step, tuple(updates))
+    return buffer, state
+
+
+def test_buffer_million_updates_root_is_the_sum_of_the_leaves(drifted_buffer):
+    buffer, state = drifted_buffer
+    geo, ps = buffer.core.tree_geometry, jax.device_get(state.priority_state)
+    assert_exact_trees(ps.sum_tree, ps.min_tree, geo)
+    # The slot the write head is in holds no complete item: its leaf is 0 on every row.
+    t, written = buffer.core.max_length_time_axis, int(state.running_index)
+    assert written >= 2 * t
+    head = np.arange(buffer.core.add_batch_size) * t + (written - 1) % t
+    assert np.all(sum_tree.leaves(ps.sum_tree, geo)[head] == 0)
+
+
+@pytest.mark.parametrize("drifted_buffer", ["one_row"], indirect=True)
+def test_buffer_zeroed_subtree_is_exactly_zero_and_never_sampled(drifted_buffer):
+    """The zeros are written through `set_priorities` one and two at a time and in one large
+    batch, and the buffer's own `sample` draws from the result. (One row only: the six-row
+    buffer's updates take the same batched path, and a compilation costs seconds.)"""
+    buffer, state = drifted_buffer
+    geo = buffer.core.tree_geometry
+    block, zero = zero_block_and_odd_leaves(geo)
+    half = block // 2
+    zero = jnp.asarray(zero, jnp.int32)
+    state, sampled, values = _zero_and_sample(
+        buffer, jax.tree.map(jnp.copy, state), zero[:half], zero[half:block].reshape(-1, 2),
+        zero[block:], 50)
+    assert_zeroed(state.priority_state.sum_tree, geo, block, sampled, values)
 
 
 # ------------------------------------------------------------------ zero leaves unreachable

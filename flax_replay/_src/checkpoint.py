@@ -162,13 +162,21 @@ def _abstract(item: str, tree: PyTree) -> PyTree:
 
 
 def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
+    """Runs `fn` (a read of step `step`); any error but a `CheckpointError` becomes a
+    `CheckpointError` naming the step and the other steps.
+
+    Every error is classified by where it happens, never by the text of Orbax's messages:
+    reads of metadata come before any comparison, and arrays are read only after
+    `check_compatible` found the template equal to the checkpoint's metadata (capacity,
+    leaves, shapes, dtypes). So an error here, whatever Orbax says (tensorstore, OSError,
+    JSON, or a "stored shape" that disagrees with the metadata), means that the step's
+    files cannot be read as they describe themselves: damaged, or changed under us.
+    """
     try:
         return fn()
-    except ValueError as e:
-        if isinstance(e, CheckpointError) or "not compatible with the stored shape" in str(e):
-            raise
-        err = e
-    except Exception as e:  # tensorstore/OSError/JSON errors of a damaged step
+    except CheckpointError:
+        raise
+    except Exception as e:
         err = e
     others = [s for s in manager.all_steps() if s != step]
     raise CheckpointError(
@@ -180,10 +188,19 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-    try:  # honours a user's step_name_format; private, hence the fallback
-        return manager._get_read_step_directory(step, manager.directory)
-    except AttributeError:
-        return ocp.step.standard_name_format().find_step(manager.directory, step).path
+    """The directory of checkpoint `step` of `manager` (to read single items' metadata).
+
+    The one use of a private Orbax API in this module: Orbax 0.12 has no public way to ask
+    a `CheckpointManager` for a step's directory (its `step_name_format` is private too),
+    and only `_get_read_step_directory` honours a `step_name_format` a user gave their own
+    manager. Without it, the standard name format (what `make_manager` uses) is assumed.
+    tests/test_checkpoint.py (`test_step_directory_*`) fails if an Orbax release changes
+    either path.
+    """
+    read_step_directory = getattr(manager, "_get_read_step_directory", None)
+    if read_step_directory is not None:
+        return read_step_directory(step, manager.directory)
+    return ocp.step.standard_name_format().find_step(manager.directory, step).path
 
 
 def _metadata(manager: ocp.CheckpointManager, step: int, items) -> dict[str, PyTree]:
