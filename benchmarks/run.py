@@ -449,7 +449,7 @@ def measure_case(case: Case, args, libs: dict, log) -> list[dict]:
             own = {"flax_replay": "flax_replay", "flashbax": "flashbax",
                    "linen": "flax_replay", "nnx": "flax_replay"}
 
-            def run(name):
+            def run(name, apis=apis, arms=arms, own=own, states=states):
                 api = apis[name]
                 s = api.to_state(states[own[name]])
                 dt, s = arms[name].run(s)

@@ -118,7 +118,7 @@ def stack(trees: list) -> Any:
 
 
 def unstack(tree: Any, n: int) -> list:
-    return [jax.tree.map(lambda x: np.asarray(x)[i], tree) for i in range(n)]
+    return [jax.tree.map(lambda x, i=i: np.asarray(x)[i], tree) for i in range(n)]
 
 
 def assert_trees_equal(a: Any, b: Any) -> None:

@@ -253,7 +253,7 @@ def check_sampled_items(case: Case, experience) -> list[tuple[int, int]]:
         row, s = m.find(first)
         assert m.is_valid(row, s), f"sampled item (row {row}, start {s}) is not valid"
         assert_tree_close(case.expect(m.steps(row, s)),
-                          jax.tree.map(lambda x: x[b], experience), f"sample[{b}]")
+                          jax.tree.map(lambda x, b=b: x[b], experience), f"sample[{b}]")
         items.append((row, s))
     return items
 

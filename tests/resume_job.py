@@ -22,15 +22,15 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
 
-import flax_replay as fbx  # noqa: E402
-from flax_replay import checkpoint as ckpt  # noqa: E402
+import flax_replay as fbx
+from flax_replay import checkpoint as ckpt
 
 OBS, ACTIONS, ENVS, WARMUP = 4, 2, 4, 4  # learning starts after WARMUP steps (16 transitions)
 EXAMPLE = {"obs": jnp.zeros(OBS), "action": jnp.int32(0), "reward": jnp.float32(0.0)}

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.experimental import checkify
 
 import flax_replay as fbx
+
 from buffer_cases import CASES, EXAMPLE, assert_trees_equal, keys, make_batch, single
 
 ALL_KINDS = tuple(CASES)

@@ -25,7 +25,7 @@ import flax_replay
 from flax_replay import sharding
 
 sys.path.insert(0, os.path.dirname(__file__))
-import multihost_job as job  # noqa: E402
+import multihost_job as job
 
 TIMEOUT = 240  # seconds for both processes; they take ~20 s on an idle machine
 SHARDS = 4  # 2 processes x 2 devices

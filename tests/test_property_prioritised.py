@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-
-import property_helpers as ph
 from test_property_uniform import (
     FLAT_POOL,
     ITEM_POOL,
@@ -26,6 +24,8 @@ from test_property_uniform import (
     trajectory_configs,
     transition_configs,
 )
+
+import property_helpers as ph
 
 # Paired with the pools' configurations in order (default profile): exponents 0 (every
 # positive or zero priority weighs 1), fractional and 1; tree branching 2 and 3 (deep trees

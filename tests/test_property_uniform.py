@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flax_replay as fbx
+
 import property_helpers as ph
 import reference
 

@@ -16,7 +16,6 @@ from flax_replay._src import sum_tree
 
 from one_row import add_steps, one_row_buffer
 
-
 # ----------------------------------------------------------------------------------- helpers
 _update = jax.jit(sum_tree.update, static_argnums=(1, 5))
 _sample = jax.jit(sum_tree.sample, static_argnums=1)

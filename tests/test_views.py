@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import flax_replay as fbx
+
 from buffer_cases import (
     CASES,
     EXAMPLE,

@@ -98,7 +98,8 @@ def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
 
 # ------------------------------------------------------------------------------ helpers
 def _is_typed_key(x: Any) -> bool:
-    return jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 def _rng_item(rng: jax.Array) -> dict:
@@ -221,7 +222,7 @@ def _metadata(manager: ocp.CheckpointManager, step: int, items) -> dict[str, PyT
 
 def _buffers(flat: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], tuple[int, int]]:
     """For each buffer in a "replay" tree: its location -> (rows, time) of its storage."""
-    out = {}
+    out: dict[tuple[str, ...], tuple[int, int]] = {}
     for path, leaf in flat.items():
         if _EXPERIENCE in path and len(getattr(leaf, "shape", ())) >= 2:
             out.setdefault(path[: path.index(_EXPERIENCE)], tuple(leaf.shape[:2]))
