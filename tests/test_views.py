@@ -386,3 +386,32 @@ def test_nnx_filters(kind):
 
     merged = nnx.merge(graphdef, params, replay, rest)
     assert_trees_equal(merged.buffer.state(), state)
+
+
+def test_both_views_take_the_same_argument_names_and_set_state():
+    """`partition=` and `rng_key=` in both views (NNX keeps `sharding=` and `rng=` as aliases);
+    `set_state` replaces the whole state (Linen: in a mutable apply)."""
+    buf = fbx.make_prioritised_flat_buffer(max_length=32, min_length=2, sample_batch_size=4,
+                                           add_batch_size=2)
+    state = buf.init(EXAMPLE)
+    for i in range(4):
+        state = buf.add(state, jax.tree.map(lambda x, i=i: jnp.stack([x + i] * 2), EXAMPLE))
+    key = jax.random.key(3)
+    expected = buf.sample(state, key)
+
+    model = fbx.nnx.ReplayBuffer(buf, EXAMPLE)
+    model.set_state(state)
+    assert_trees_equal(fbx.to_collections(model.state()), fbx.to_collections(state))
+    for out in (model.sample(key), model.sample(rng_key=key), model.sample(rng=key)):
+        assert_trees_equal(out, expected)
+    with pytest.raises(ValueError, match="pass rng_key"):
+        model.sample()
+    with pytest.raises(ValueError, match="not both"):
+        fbx.nnx.ReplayBuffer(buf, EXAMPLE, partition="data", sharding="data")
+
+    module = fbx.linen.ReplayBuffer(buffer=buf, experience=EXAMPLE)
+    variables = module.init(jax.random.key(0))
+    _, variables = module.apply(variables, state, method="set_state",
+                                mutable=["replay", "priorities"])
+    out = module.apply(variables, rng_key=key, method="sample")
+    assert_trees_equal(out, expected)
