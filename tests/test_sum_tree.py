@@ -513,3 +513,45 @@ def test_compiled_set_priorities_is_in_place(big_buffer):
     sizes = [math.prod(map(int, filter(None, re.search(r"= \w+\[([\d,]*)\]", ln)[1].split(","))))
              for ln in copies]
     assert all(size <= geo.num_nodes // 16 for size in sizes), copies
+
+
+@pytest.mark.parametrize("branching", [2, 4, 8])
+def test_cpu_serial_and_batched_updates_store_identical_bits(branching):
+    """`update_sum_min` runs a loop over the entries on CPU and a batched program elsewhere;
+    both must store the same bits, whatever the batch holds: duplicates (last wins), masked and
+    out-of-range entries, zeros, huge values, on trees with padding on every level."""
+    rng = np.random.default_rng(branching)
+    serial = jax.jit(sum_tree._update_sum_min_serial, static_argnames="geo")
+    batched = jax.jit(sum_tree._update_sum_min_batched, static_argnames="geo")
+    for n in (5, 83, 4097, 100_003):
+        geo = sum_tree.geometry(n, branching)
+        values = jnp.asarray(rng.exponential(size=n).astype(np.float32))
+        everything = (jnp.arange(n), values, jnp.ones(n, bool))
+        start = batched(sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf), *everything,
+                        geo=geo)
+        for b in (3, 64, 257):
+            index = rng.integers(-3, n + 3, size=b)
+            index[: b // 3] = index[b // 3 : 2 * (b // 3)]  # duplicates
+            value = (rng.exponential(size=b) * (rng.random(b) < 0.8)).astype(np.float32)
+            value[rng.random(b) < 0.1] = 1e30
+            args = (jnp.asarray(index, jnp.int32), jnp.asarray(value),
+                    jnp.asarray(rng.random(b) < 0.85))
+            got = serial(*start, *args, geo=geo)
+            want = batched(*start, *args, geo=geo)
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g).view(np.uint32),
+                                              np.asarray(w).view(np.uint32))
+
+
+def test_update_sum_min_takes_the_serial_path_on_cpu_only():
+    geo = sum_tree.geometry(1000, 4)
+    args = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf), geo,
+            jnp.arange(64, dtype=jnp.int32), jnp.ones(64), jnp.ones(64, bool))
+    lowered = jax.jit(sum_tree.update_sum_min, static_argnums=2).lower(*args)
+    text = lowered.compile().as_text()
+    # The batched path scatters the batch into the tree; the serial one is a while loop of
+    # dynamic slices.
+    assert " while(" in text and " scatter(" not in text
+    gpu = jax.jit(sum_tree.update_sum_min, static_argnums=2).trace(*args).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "scatter" in gpu and "stablehlo.while" not in gpu

@@ -14,14 +14,17 @@ descent only enters children with a positive value).
 
 Cost: a batched write of B leaves reads and writes O(B * branching * depth) nodes, and
 recomputes whole only the few levels near the root that are smaller than what the batch
-reads; no O(N) work and no loop over the batch. Duplicate leaf indices in one write: the
-last occurrence wins, on every backend. Why the levels are visited as they are (static
+reads; no O(N) work. On CPU only, batches of up to SERIAL_MAX_BATCH entries are written by a
+loop over the entries instead (faster there, the same bits: see `_update_sum_min_serial`); no
+loop over the batch runs on GPU/TPU. Duplicate leaf indices in one write: the last
+occurrence wins, on every backend. Why the levels are visited as they are (static
 slices, unrolled, a separate path for one or two entries) is measured in
 benchmarks/README.md.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple
 
@@ -88,7 +91,14 @@ def _rows(tree: jax.Array, start: jax.Array, k: int) -> jax.Array:
 
 
 def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
-    return jnp.sum(rows, axis=-1) if reducer == "sum" else jnp.min(rows, axis=-1)
+    """Reduces the last axis (a family of siblings) as a left fold, ((c0 + c1) + c2) + ...:
+    one fixed order of float32 additions, so that every path that recomputes a parent (the
+    batched one, the per-entry ones) stores the same bits."""
+    op = jnp.add if reducer == "sum" else jnp.minimum
+    out = rows[..., 0]
+    for c in range(1, rows.shape[-1]):
+        out = op(out, rows[..., c])
+    return out
 
 
 def _identity(reducer: str) -> float:
@@ -115,6 +125,10 @@ def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Arra
 # A level whose children number at most DENSE_FACTOR * B * branching (for a batch of B
 # writes) is recomputed whole; below it parents are recomputed per written entry.
 DENSE_FACTOR = 4
+
+# On CPU, writes of up to SERIAL_MAX_BATCH entries go entry by entry in a loop (see
+# `_update_serial`); on other backends, and for larger batches there, the batched path runs.
+SERIAL_MAX_BATCH = 4096
 
 # Writes of at most SMALL_BATCH entries (an add of one step to one row) go entry by entry
 # with dynamic slices instead of gathers and scatters: for so few entries the batched
@@ -277,7 +291,30 @@ def update_sum_min(
         return _update_small((sums, mins), geo, index,
                              (values, jnp.where(values > 0, values, jnp.inf)), mask,
                              ("sum", "min"))
-    return _update_sum_min_batched(sums, mins, index, values, mask, geo=geo)
+    batched = functools.partial(_update_sum_min_batched, geo=geo)
+    if b > SERIAL_MAX_BATCH:
+        return batched(sums, mins, index, values, mask)
+    # The two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over
+    # the batch is used only on CPU, where it is measured faster (benchmarks/README.md).
+    return jax.lax.platform_dependent(
+        sums, mins, index, values, mask,
+        cpu=functools.partial(_update_sum_min_serial, geo=geo), default=batched)
+
+
+def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
+    """`update_sum_min` as a loop over the entries, in batch order, each written as a batch of
+    one (`_update_small`). For XLA:CPU this is one small function of dynamic slices (no
+    gathers, scatters or thread hand-offs), faster than the batched path up to thousands of
+    entries. The stored bits equal the batched path's: the last entry writing a leaf wins,
+    and every ancestor is last recomputed after all writes below it, by the same `_reduce`.
+    """
+    def entry(i, trees):
+        one = lambda a: jax.lax.dynamic_slice(a, (i,), (1,))
+        value = one(values)
+        return _update_small(trees, geo, one(index), (value, jnp.where(value > 0, value, jnp.inf)),
+                             one(mask), ("sum", "min"))
+
+    return jax.lax.fori_loop(0, index.shape[0], entry, (sums, mins))
 
 
 def _update_sum_min_batched(sums, mins, index, values, mask, *, geo):
