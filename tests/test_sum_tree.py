@@ -547,11 +547,14 @@ def test_update_sum_min_takes_the_serial_path_on_cpu_only():
     geo = sum_tree.geometry(1000, 4)
     args = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf), geo,
             jnp.arange(64, dtype=jnp.int32), jnp.ones(64), jnp.ones(64, bool))
-    lowered = jax.jit(sum_tree.update_sum_min, static_argnums=2).lower(*args)
+    lowered = jax.jit(sum_tree.update_sum_min, static_argnums=2, donate_argnums=(0, 1)).lower(
+        *args)
     text = lowered.compile().as_text()
     # The batched path scatters the batch into the tree; the serial one is a while loop of
-    # dynamic slices.
+    # dynamic slices, in place: nothing of the tree's size is copied.
     assert " while(" in text and " scatter(" not in text
+    tree = f"f32[{geo.num_nodes}]"
+    assert not [ln for ln in text.splitlines() if f"= {tree}" in ln and " copy(" in ln]
     gpu = jax.jit(sum_tree.update_sum_min, static_argnums=2).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "scatter" in gpu and "stablehlo.while" not in gpu

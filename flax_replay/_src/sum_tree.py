@@ -14,12 +14,12 @@ descent only enters children with a positive value).
 
 Cost: a batched write of B leaves reads and writes O(B * branching * depth) nodes, and
 recomputes whole only the few levels near the root that are smaller than what the batch
-reads; no O(N) work. On CPU only, batches of up to SERIAL_MAX_BATCH entries are written by a
-loop over the entries instead (faster there, the same bits: see `_update_sum_min_serial`); no
-loop over the batch runs on GPU/TPU. Duplicate leaf indices in one write: the last
-occurrence wins, on every backend. Why the levels are visited as they are (static
-slices, unrolled, a separate path for one or two entries) is measured in
-benchmarks/README.md.
+reads; no O(N) work. On CPU only, batches of up to SERIAL_MAX_BATCH entries into trees of
+up to SERIAL_MAX_LEAVES leaves are written by a loop over the entries instead (faster there,
+the same bits: see `_update_sum_min_serial`); no loop over the batch runs on GPU/TPU.
+Duplicate leaf indices in one write: the last occurrence wins, on every backend. Why the
+levels are visited as they are (static slices, unrolled, a separate path for one or two
+entries) is measured in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -129,6 +129,9 @@ DENSE_FACTOR = 4
 # On CPU, writes of up to SERIAL_MAX_BATCH entries go entry by entry in a loop (see
 # `_update_serial`); on other backends, and for larger batches there, the batched path runs.
 SERIAL_MAX_BATCH = 4096
+# ... and only on trees of at most SERIAL_MAX_LEAVES leaves: on larger trees the batched
+# path, whose gathers overlap their cache misses, was as fast or faster (benchmarks/README.md).
+SERIAL_MAX_LEAVES = 1 << 15
 
 # Writes of at most SMALL_BATCH entries (an add of one step to one row) go entry by entry
 # with dynamic slices instead of gathers and scatters: for so few entries the batched
@@ -292,7 +295,7 @@ def update_sum_min(
                              (values, jnp.where(values > 0, values, jnp.inf)), mask,
                              ("sum", "min"))
     batched = functools.partial(_update_sum_min_batched, geo=geo)
-    if b > SERIAL_MAX_BATCH:
+    if b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
         return batched(sums, mins, index, values, mask)
     # The two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over
     # the batch is used only on CPU, where it is measured faster (benchmarks/README.md).
