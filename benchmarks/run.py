@@ -47,7 +47,8 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--device" not in sys.argv:  # the accelerator sweep runs where JAX finds a device
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -76,6 +77,7 @@ class Case:
     rows: int  # rows per add (add_batch_size), one time step each
     item: tuple[int, ...]
     capacity: int
+    dtype: str = "float32"  # uint8 for pixel-like items
 
     @property
     def prioritised(self) -> bool:
@@ -87,7 +89,7 @@ class Case:
 
     @property
     def item_bytes(self) -> int:
-        return 4 * math.prod(self.item)
+        return np.dtype(self.dtype).itemsize * math.prod(self.item)
 
     @property
     def steps(self) -> int:
@@ -105,7 +107,7 @@ class Case:
         return 2 if self.flat else SEQ
 
     def label(self) -> str:
-        item = "x".join(map(str, self.item))
+        item = "x".join(map(str, self.item)) + ("" if self.dtype == "float32" else self.dtype)
         return f"{self.kind} | {item} | {self.capacity:.0e} | {self.rows}"
 
 
@@ -331,9 +333,13 @@ def make_inputs(case: Case, steps: int, indices: jax.Array) -> dict:
     shape = batch_shape(case)
     if indices is None:
         indices = jnp.zeros((SAMPLE,), jnp.int32)
+    def data(k, shape):  # uint8 items: the same uniform draws, scaled to 0..255
+        x = jax.random.uniform(k, shape)
+        return x if case.dtype == "float32" else (x * 255).astype(case.dtype)
+
     return dict(
-        batch=jax.random.uniform(k1, shape),
-        batches=jax.random.uniform(k2, (steps, *shape)),
+        batch=data(k1, shape),
+        batches=data(k2, (steps, *shape)),
         key=jax.random.key(2),
         keys=jax.random.split(jax.random.key(3), steps),
         indices=indices,
@@ -345,13 +351,13 @@ def make_inputs(case: Case, steps: int, indices: jax.Array) -> dict:
 
 def fill(buffer, case: Case):
     """A completely filled state (every slot written, the write head wrapped once)."""
-    state = buffer.init(jnp.zeros(case.item, jnp.float32))
-    x = jnp.full(batch_shape(case), 0.5, jnp.float32)
+    state = buffer.init(jnp.zeros(case.item, case.dtype))
+    x = jnp.full(batch_shape(case), 1, case.dtype)
     n = case.steps + 1
 
     def run(s):
         def body(i, s):
-            return buffer.add(s, x * (i % 7).astype(jnp.float32))
+            return buffer.add(s, x * (i % 7).astype(case.dtype))
         return jax.lax.fori_loop(0, n, body, s)
 
     return jax.block_until_ready(jax.jit(run, donate_argnums=0)(state))
@@ -389,8 +395,8 @@ def time_numpy(case: Case, steps: int, rounds: int) -> dict[str, float]:
     buffer's size, and `np.take` of one sample's rows into a preallocated output."""
     rng = np.random.default_rng(0)
     rows, t = case.rows, case.steps
-    store = np.ones((rows, t, *case.item), np.float32)  # written: every page is touched
-    src = rng.random((steps, rows, *case.item), dtype=np.float32)
+    store = np.ones((rows, t, *case.item), case.dtype)  # written: every page is touched
+    src = (rng.random((steps, rows, *case.item), dtype=np.float32) * 200).astype(case.dtype)
     flat = store.reshape(rows * t, *case.item)
     n = SAMPLE * case.seq
     idx = np.empty((steps, n), np.int64)
@@ -398,7 +404,7 @@ def time_numpy(case: Case, steps: int, rounds: int) -> dict[str, float]:
         r = rng.integers(0, rows, SAMPLE)
         s = rng.integers(0, t, SAMPLE)
         idx[i] = (r[:, None] * t + (s[:, None] + np.arange(case.seq)) % t).reshape(-1)
-    out = np.empty((n, *case.item), np.float32)
+    out = np.empty((n, *case.item), case.dtype)
     best_add, best_take = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
@@ -418,7 +424,7 @@ def measure_case(case: Case, args, libs: dict, log) -> list[dict]:
     results = []
     steps = args.steps
     bufs = {name: make_buffer(lib, case) for name, lib in libs.items()}
-    example = jnp.zeros(case.item, jnp.float32)
+    example = jnp.zeros(case.item, case.dtype)
     t_fill = time.perf_counter()
     states = {name: fill(buf, case) for name, buf in bufs.items()}
     log(f"  filled in {time.perf_counter() - t_fill:.1f} s")
@@ -471,7 +477,7 @@ def measure_case(case: Case, args, libs: dict, log) -> list[dict]:
                         key = "flashbax" if seen_fb == 0 else "flashbax2"
                         seen_fb += 1
                     times[key].append(run(name))
-            row = dict(kind=case.kind, item="x".join(map(str, case.item)),
+            row = dict(kind=case.kind, item=case.label().split(" | ")[1],
                        capacity=case.capacity, rows=case.rows, op=op_name, regime=regime,
                        fr_us=statistics.median(times["flax_replay"]) * 1e6)
             if times["flashbax"]:
@@ -553,7 +559,8 @@ def summarise(rows: list[dict], branch: list[dict], memory: list[dict], skipped:
               args, elapsed: float) -> str:
     noise = [abs(r["aa"] - 1) for r in rows if "aa" in r]
     band = float(np.percentile(noise, 90)) if noise else 0.0
-    lines = ["# flax_replay vs Flashbax 0.1.3 vs NumPy (CPU)", ""]
+    lines = [f"# flax_replay vs Flashbax 0.1.3 vs NumPy ({jax.default_backend().upper()}: "
+             f"{jax.devices()[0].device_kind})", ""]
     flags = "".join(" " + (a if re.fullmatch(r"[\w./=-]+", a) else repr(a)) for a in args.argv)
     lines += [f"Command: `python -m benchmarks.run{flags}`; "
               f"{platform.processor() or platform.machine()}, "
@@ -710,17 +717,35 @@ def main(argv=None) -> None:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-branching", action="store_true")
     p.add_argument("--no-views", action="store_true", help="skip the Linen and NNX arms")
+    p.add_argument("--device", action="store_true",
+                   help="the accelerator sweep of benchmarks/device.sh: prioritised flat "
+                        "buffers, (8,) float32 and (84, 84) uint8 items, 1e5 and 1e6 items; "
+                        "writes to benchmarks/results/<platform>/ unless --out is given")
+    p.add_argument("--smoke", action="store_true",
+                   help="with --device: tiny sizes and few rounds, to check that it runs")
     p.add_argument("--cores", type=int, default=0,
                    help="pin the process to this many cores (0: all). XLA:CPU splits every "
                         "gather or scatter on an array over 256 KB across up to sqrt(cores) "
                         "threads; with one core nothing is split")
     args = p.parse_args(argv)
+    if args.device and args.out == p.get_default("out"):
+        args.out = str(Path(args.out) / jax.default_backend())
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.cores:  # before the first computation creates the CPU client and its threads
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     args.views = not args.no_views
     args.numpy = True
-    if args.quick:
+    kinds = KINDS
+    if args.device:
+        kinds = ("prioritised flat",)
+        args.steps, args.rounds, args.calls = 50, 5, 10
+        caps, rowss = (10**5, 10**6), (1, 128)
+        items = (((8,), "float32"), ((84, 84), "uint8"))
+        args.no_branching = args.no_memory = True
+        if args.smoke:
+            args.steps, args.rounds, args.calls = 4, 2, 2
+            caps, rowss, args.views = (2_000,), (128,), False
+    elif args.quick:
         args.steps, args.rounds, args.calls = 50, 7, 10
         caps, items, rowss = (10**4, 10**6), ((8,), (32, 32, 3)), (1, 128)
         args.branchings, args.branch_capacities = (4, 16), (10**6,)
@@ -741,14 +766,16 @@ def main(argv=None) -> None:
         print(msg, flush=True)
 
     cases, skipped = [], []
-    for kind in KINDS:
-        for item in items:
+    items = [it if isinstance(it[1], str) else (it, "float32") for it in items]
+    for kind in kinds:
+        for item, dtype in items:
             for cap in caps:
                 for rows in rowss:
-                    case = Case(kind, rows, item, cap)
+                    case = Case(kind, rows, item, cap, dtype)
                     if args.only and args.only not in case.label():
                         continue
-                    if args.quick and item != (8,) and (cap > 10**4 or rows == 1):
+                    if args.quick and not args.device and item != (8,) and (
+                            cap > 10**4 or rows == 1):
                         continue  # the quick sweep: large items at 1e4, 128 rows only
                     if case.buffer_bytes > args.max_gb * 1e9:
                         skipped.append(f"{case.label()} ({case.buffer_bytes / 1e9:.1f} GB per "

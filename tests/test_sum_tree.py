@@ -546,7 +546,7 @@ def test_cpu_serial_and_batched_updates_store_identical_bits(branching):
 def test_update_sum_min_takes_the_serial_path_on_cpu_only():
     geo = sum_tree.geometry(1000, 4)
     args = (sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf), geo,
-            jnp.arange(64, dtype=jnp.int32), jnp.ones(64), jnp.ones(64, bool))
+            jnp.arange(16, dtype=jnp.int32), jnp.ones(16), jnp.ones(16, bool))
     lowered = jax.jit(sum_tree.update_sum_min, static_argnums=2, donate_argnums=(0, 1)).lower(
         *args)
     text = lowered.compile().as_text()
