@@ -9,7 +9,7 @@ noted where it is made.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from flax_replay._src import checks, sum_tree
 from flax_replay._src.buffers import (
@@ -21,6 +21,7 @@ from flax_replay._src.buffers import (
     TransitionLayout,
 )
 from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.frames import FrameStack, stacked_fields
 from flax_replay._src.priorities import PrioritisedCore, PriorityOptions
 from flax_replay._src.queue import TrajectoryQueue
 
@@ -206,11 +207,16 @@ def make_flat_buffer(
     sample_batch_size: int,
     add_sequences: bool = False,
     add_batch_size: Optional[int] = None,
+    *,
+    frame_stack: Optional[Mapping[str, int]] = None,
 ) -> Buffer:
-    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps."""
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
+    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps.
+    `frame_stack={"obs": k}`: one frame stored per step, `k` stacked at sample (`frames.py`)."""
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
     return Buffer(TrajectoryCore(**fields),
-                  TransitionLayout(add_batch_size is not None, add_sequences))
+                  TransitionLayout(add_batch_size is not None, add_sequences, frames=stack))
 
 
 def make_item_buffer(
@@ -238,14 +244,16 @@ def make_n_step_buffer(
     done_key: Optional[str] = "done",
     discount_key: Optional[str] = None,
     n_step_fn: Optional[Callable] = None,
+    frame_stack: Optional[Mapping[str, int]] = None,
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
     discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
-    core = TrajectoryCore(**_flat_fields(max_length, min_length, sample_batch_size,
-                                         add_batch_size, n_step))
+    stack = FrameStack.from_arg(frame_stack)
+    core = TrajectoryCore(**stacked_fields(_flat_fields(max_length, min_length, sample_batch_size,
+                                                        add_batch_size, n_step), stack))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
-                                         returns))
+                                         returns, stack))
 
 
 def make_trajectory_queue(
@@ -316,13 +324,17 @@ def make_prioritised_flat_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    frame_stack: Optional[Mapping[str, int]] = None,
 ) -> PrioritisedBuffer:
     """A prioritised flat buffer (PER, Schaul et al. 2015)."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
     core = PrioritisedCore(**fields, options=options)
-    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
+                                                    frames=stack))
 
 
 def make_prioritised_item_buffer(
@@ -364,15 +376,18 @@ def make_prioritised_n_step_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    frame_stack: Optional[Mapping[str, int]] = None,
 ) -> PrioritisedBuffer:
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
     add_batch_size, priority_exponent, n_step=3)`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step)
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step), stack)
     core = PrioritisedCore(**fields, options=options)
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return PrioritisedBuffer(
-        core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)
+        core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns, stack)
     )
