@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from typing import Callable, Mapping, Optional
 
-from flax_replay._src import checks, sum_tree
+from flax_replay._src import checks, memory, sum_tree
 from flax_replay._src.buffers import (
     Buffer,
     ItemLayout,
@@ -193,12 +193,15 @@ def make_trajectory_buffer(
     min_length_time_axis: int,
     max_size: Optional[int] = None,
     max_length_time_axis: Optional[int] = None,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
     sample_sequence_length]` sequences starting on the `period` grid."""
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    return Buffer(TrajectoryCore(**fields), TrajectoryLayout())
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                  TrajectoryLayout())
 
 
 def make_flat_buffer(
@@ -209,13 +212,14 @@ def make_flat_buffer(
     add_batch_size: Optional[int] = None,
     *,
     frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps.
     `frame_stack={"obs": k}`: one frame stored per step, `k` stacked at sample (`frames.py`)."""
     stack = FrameStack.from_arg(frame_stack)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
-    return Buffer(TrajectoryCore(**fields),
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
                   TransitionLayout(add_batch_size is not None, add_sequences, frames=stack))
 
 
@@ -225,10 +229,13 @@ def make_item_buffer(
     sample_batch_size: int,
     add_sequences: bool = False,
     add_batches: bool = False,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Independent items, no time structure; samples `[sample_batch_size, ...]`."""
     fields = _item_fields(max_length, min_length, sample_batch_size)
-    return Buffer(TrajectoryCore(**fields), ItemLayout(add_batches, add_sequences))
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                  ItemLayout(add_batches, add_sequences))
 
 
 def make_n_step_buffer(
@@ -245,12 +252,14 @@ def make_n_step_buffer(
     discount_key: Optional[str] = None,
     n_step_fn: Optional[Callable] = None,
     frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
     discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
     stack = FrameStack.from_arg(frame_stack)
     core = TrajectoryCore(**stacked_fields(_flat_fields(max_length, min_length, sample_batch_size,
-                                                        add_batch_size, n_step), stack))
+                                                        add_batch_size, n_step), stack),
+                          memory_kind=memory.checked(memory_kind))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
                                          returns, stack))
@@ -262,6 +271,8 @@ def make_trajectory_queue(
     add_sequence_length: int,
     sample_sequence_length: int,
     max_size: Optional[int] = None,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> TrajectoryQueue:
     """A FIFO queue of `[add_batch_size, T]`; `sample` consumes `sample_sequence_length` steps."""
     checks.positive_int("add_batch_size", add_batch_size)
@@ -280,7 +291,7 @@ def make_trajectory_queue(
             f"`max_length_time_axis` ({max_length_time_axis})."
         )
     return TrajectoryQueue(max_length_time_axis, add_batch_size, add_sequence_length,
-                           sample_sequence_length)
+                           sample_sequence_length, memory.checked(memory_kind))
 
 
 # ----------------------------------------------------------------------------- prioritised
@@ -298,6 +309,7 @@ def make_prioritised_trajectory_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A trajectory buffer sampled with probability `priority ** priority_exponent / total`.
 
@@ -308,7 +320,7 @@ def make_prioritised_trajectory_buffer(
                                 ignore_stale_priorities)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    core = PrioritisedCore(**fields, options=options)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
     return PrioritisedBuffer(core, TrajectoryLayout())
 
 
@@ -325,6 +337,7 @@ def make_prioritised_flat_buffer(
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
     frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A prioritised flat buffer (PER, Schaul et al. 2015)."""
     options = _priority_options(priority_exponent, device, sampling, branching,
@@ -332,7 +345,7 @@ def make_prioritised_flat_buffer(
     stack = FrameStack.from_arg(frame_stack)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
-    core = PrioritisedCore(**fields, options=options)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
     return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
                                                     frames=stack))
 
@@ -349,12 +362,13 @@ def make_prioritised_item_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """Prioritised independent items."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
     core = PrioritisedCore(**_item_fields(max_length, min_length, sample_batch_size),
-                           options=options)
+                           options=options, memory_kind=memory.checked(memory_kind))
     return PrioritisedBuffer(core, ItemLayout(add_batches, add_sequences))
 
 
@@ -377,6 +391,7 @@ def make_prioritised_n_step_buffer(
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
     frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
@@ -386,7 +401,7 @@ def make_prioritised_n_step_buffer(
     stack = FrameStack.from_arg(frame_stack)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step), stack)
-    core = PrioritisedCore(**fields, options=options)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return PrioritisedBuffer(
         core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns, stack)
