@@ -178,6 +178,12 @@ def test_views_and_checkpoint_keep_memory_kind(tmp_path):
     assert_trees_equal(jax.device_get(restored.replay), jax.device_get(cols["replay"]))
 
 
+def test_sharded_buffer_refuses_host_memory():
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with pytest.raises(ValueError, match="memory_kind='pinned_host' cannot be sharded yet"):
+        fbx.shard(MAKERS["flat"](HOST), mesh, "data")
+
+
 def test_bad_memory_kind_lists_device_kinds():
     with pytest.raises(ValueError, match=r"memory_kind='hbm'.*kinds are \['device', "
                                          r"'pinned_host', 'unpinned_host'\]"):
