@@ -271,3 +271,59 @@ def n_step_return(rewards: Sequence[float], ends: Sequence[bool], gamma: float,
         if ends[k]:
             return ret, 0.0
     return ret, scale
+
+
+# ------------------------------------------------------------------------- frame stacking
+class FrameStackModel:
+    """A flat / n-step buffer with `frame_stack`: R rows of capacity T, transitions (row, t)
+    from step t to step t + n, and for a stacked key the k steps t - k + 1, ..., t (oldest
+    first) as that key's `first`, the k steps up to t + n as its `second`.
+
+    Rules (from the issue, written independently of the implementation): every step of the
+    transition and every frame of the deepest stack (K frames) must still be stored, so
+    (row, t) is sampleable iff t - K + 1 >= max(W - T, 0) and t + n <= W - 1. can_sample:
+    W >= min_length (or the rows are full) and a sampleable transition exists. With episode
+    ends (`ends[step]` true: the episode ended after that step), a frame of an earlier episode
+    than the stack's last step is replaced by `None` (a zero frame).
+    """
+
+    def __init__(self, rows: int, capacity: int, n_step: int, max_depth: int,
+                 min_length: int):
+        self.rows, self.capacity, self.n, self.k = rows, capacity, n_step, max_depth
+        self.min_length = min_length
+        self.history: list[list[Any]] = [[] for _ in range(rows)]
+
+    @property
+    def written(self) -> int:
+        return len(self.history[0])
+
+    def add(self, rows: Sequence[Sequence[Any]]) -> None:
+        assert len(rows) == self.rows and len({len(x) for x in rows}) == 1
+        for steps, new in zip(self.history, rows):
+            steps.extend(new)
+
+    def stored(self) -> list[list[Any]]:
+        """`[R][T]` step at each slot (None where nothing was written): one frame per step."""
+        out: list[list[Any]] = [[None] * self.capacity for _ in range(self.rows)]
+        for r, steps in enumerate(self.history):
+            for t in range(max(0, self.written - self.capacity), self.written):
+                out[r][t % self.capacity] = steps[t]
+        return out
+
+    def sampleable(self) -> list[tuple[int, int]]:
+        w, cap = self.written, self.capacity
+        return [(r, t) for r in range(self.rows) for t in range(w)
+                if t - self.k + 1 >= max(w - cap, 0) and t + self.n <= w - 1]
+
+    def can_sample(self) -> bool:
+        long_enough = self.written >= self.min_length or self.written >= self.capacity
+        return long_enough and bool(self.sampleable())
+
+    def stack(self, row: int, t: int, depth: int, ends: Optional[dict] = None) -> list[Any]:
+        """The `depth` steps up to t (oldest first); None for frames of an earlier episode."""
+        steps = self.history[row]
+        out = []
+        for j in range(t - depth + 1, t + 1):
+            earlier = ends is not None and any(ends[steps[i]] for i in range(j, t))
+            out.append(None if earlier else steps[j])
+        return out

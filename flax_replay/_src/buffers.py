@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from flax_replay._src import checks
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.frames import FrameStack
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -63,12 +64,18 @@ class TrajectoryLayout:
 
 @dataclasses.dataclass(frozen=True)
 class TransitionLayout:
-    """Flat and n-step buffers: a sequence of `n_step + 1` steps becomes a transition."""
+    """Flat and n-step buffers: a sequence of `n_step + 1` steps becomes a transition (with
+    `frames`, `n_step + K` steps whose last `n_step + 1` are the transition; see `frames.py`)."""
 
     add_batches: bool
     add_sequences: bool
     n_step: int = 1
     returns: Optional["NStepReturns"] = None
+    frames: Optional[FrameStack] = None
+
+    def check_example(self, experience: PyTree) -> None:
+        if self.frames is not None:
+            self.frames.check_example(experience)
 
     def to_rows(self, batch: PyTree, storage: PyTree, core: TrajectoryCore) -> PyTree:
         prefix = ((core.add_batch_size,) if self.add_batches else ()) + (
@@ -77,6 +84,8 @@ class TransitionLayout:
         names = (("add_batch_size",) if self.add_batches else ()) + (
             ("sequence_length",) if self.add_sequences else ()
         )
+        if self.frames is not None:
+            self.frames.check_add(batch, storage, len(prefix), "add")
         checks.check_tree(batch, storage, 2, prefix, "add", names)
         if not self.add_batches:
             batch = jax.tree.map(lambda x: x[None], batch)
@@ -85,8 +94,11 @@ class TransitionLayout:
         return batch
 
     def from_sequences(self, seq: PyTree) -> PyTree:
-        first = jax.tree.map(lambda x: x[:, 0], seq)
-        second = jax.tree.map(lambda x: x[:, self.n_step], seq)
+        if self.frames is not None:
+            first, second, seq = self.frames.transition(seq, self.n_step)
+        else:
+            first = jax.tree.map(lambda x: x[:, 0], seq)
+            second = jax.tree.map(lambda x: x[:, self.n_step], seq)
         if self.returns is None:
             return ExperiencePair(first=first, second=second)
         reward, discount = self.returns(seq, self.n_step)
@@ -181,6 +193,9 @@ class Buffer:
 
     def init(self, experience: PyTree) -> TrajectoryBufferState:
         """Empty state for experience shaped like `experience` (one step, no batch axes)."""
+        check_example = getattr(self.layout, "check_example", None)
+        if check_example is not None:
+            check_example(experience)
         return self.core.init(experience)
 
     def add(self, state: TrajectoryBufferState, batch: PyTree) -> TrajectoryBufferState:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from flax_replay._src import checks
+from flax_replay._src import checks, memory
 from flax_replay._src.typing import Array, PyTree
 
 
@@ -79,6 +79,9 @@ class TrajectoryCore:
     sample_batch_size: int
     sample_sequence_length: int
     period: int
+    # Where the experience leaves live (None: default device memory; "pinned_host"); the
+    # counters and trees stay in device memory (`memory.py`).
+    memory_kind: Optional[str] = None
 
     def __post_init__(self) -> None:
         assert self.max_length_time_axis % self.period == 0, "T must be a multiple of period"
@@ -118,8 +121,9 @@ class TrajectoryCore:
     # --------------------------------------------------------------------------------- init
     def init(self, experience: PyTree) -> TrajectoryBufferState:
         """State for items shaped like `experience` (one time step, no batch axes)."""
+        storage = empty_storage(experience, (self.add_batch_size, self.max_length_time_axis))
         return TrajectoryBufferState(
-            experience=empty_storage(experience, (self.add_batch_size, self.max_length_time_axis)),
+            experience=memory.to_storage(storage, self.memory_kind),
             current_index=jnp.zeros((), jnp.int32),
             is_full=jnp.zeros((), bool),
         )
@@ -145,6 +149,8 @@ class TrajectoryCore:
                           ("add_batch_size", "sequence_length"))
         a = self.steps_in(rows, what)
         time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
+        # Indices and steps join the storage's memory: one space per operation.
+        time, rows = memory.to_storage((time, rows), self.memory_kind)
         experience = jax.tree.map(
             lambda store, x: store.at[:, time].set(x, unique_indices=True), state.experience, rows)
         new_index = state.current_index + a
@@ -196,4 +202,6 @@ class TrajectoryCore:
         """Sequences `[b, L, *item_shape]` of rows `row` `[b]` from time indices `start` `[b]`."""
         t = self.max_length_time_axis
         time = (start[:, None] + jnp.arange(self.sample_sequence_length)) % t
-        return jax.tree.map(lambda x: x[row[:, None], time], experience)
+        row, time = memory.to_storage((row[:, None], time), self.memory_kind)
+        out = jax.tree.map(lambda x: x[row, time], experience)
+        return memory.to_device(out, self.memory_kind)

@@ -9,9 +9,9 @@ noted where it is made.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
-from flax_replay._src import checks, sum_tree
+from flax_replay._src import checks, memory, sum_tree
 from flax_replay._src.buffers import (
     Buffer,
     ItemLayout,
@@ -21,6 +21,7 @@ from flax_replay._src.buffers import (
     TransitionLayout,
 )
 from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.frames import FrameStack, stacked_fields
 from flax_replay._src.priorities import PrioritisedCore, PriorityOptions
 from flax_replay._src.queue import TrajectoryQueue
 
@@ -192,12 +193,15 @@ def make_trajectory_buffer(
     min_length_time_axis: int,
     max_size: Optional[int] = None,
     max_length_time_axis: Optional[int] = None,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
     sample_sequence_length]` sequences starting on the `period` grid."""
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    return Buffer(TrajectoryCore(**fields), TrajectoryLayout())
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                  TrajectoryLayout())
 
 
 def make_flat_buffer(
@@ -206,11 +210,17 @@ def make_flat_buffer(
     sample_batch_size: int,
     add_sequences: bool = False,
     add_batch_size: Optional[int] = None,
+    *,
+    frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
-    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps."""
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
-    return Buffer(TrajectoryCore(**fields),
-                  TransitionLayout(add_batch_size is not None, add_sequences))
+    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps.
+    `frame_stack={"obs": k}`: one frame stored per step, `k` stacked at sample (`frames.py`)."""
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                  TransitionLayout(add_batch_size is not None, add_sequences, frames=stack))
 
 
 def make_item_buffer(
@@ -219,10 +229,13 @@ def make_item_buffer(
     sample_batch_size: int,
     add_sequences: bool = False,
     add_batches: bool = False,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Independent items, no time structure; samples `[sample_batch_size, ...]`."""
     fields = _item_fields(max_length, min_length, sample_batch_size)
-    return Buffer(TrajectoryCore(**fields), ItemLayout(add_batches, add_sequences))
+    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                  ItemLayout(add_batches, add_sequences))
 
 
 def make_n_step_buffer(
@@ -238,14 +251,18 @@ def make_n_step_buffer(
     done_key: Optional[str] = "done",
     discount_key: Optional[str] = None,
     n_step_fn: Optional[Callable] = None,
+    frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
     discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
-    core = TrajectoryCore(**_flat_fields(max_length, min_length, sample_batch_size,
-                                         add_batch_size, n_step))
+    stack = FrameStack.from_arg(frame_stack)
+    core = TrajectoryCore(**stacked_fields(_flat_fields(max_length, min_length, sample_batch_size,
+                                                        add_batch_size, n_step), stack),
+                          memory_kind=memory.checked(memory_kind))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
-                                         returns))
+                                         returns, stack))
 
 
 def make_trajectory_queue(
@@ -254,6 +271,8 @@ def make_trajectory_queue(
     add_sequence_length: int,
     sample_sequence_length: int,
     max_size: Optional[int] = None,
+    *,
+    memory_kind: Optional[str] = None,
 ) -> TrajectoryQueue:
     """A FIFO queue of `[add_batch_size, T]`; `sample` consumes `sample_sequence_length` steps."""
     checks.positive_int("add_batch_size", add_batch_size)
@@ -272,7 +291,7 @@ def make_trajectory_queue(
             f"`max_length_time_axis` ({max_length_time_axis})."
         )
     return TrajectoryQueue(max_length_time_axis, add_batch_size, add_sequence_length,
-                           sample_sequence_length)
+                           sample_sequence_length, memory.checked(memory_kind))
 
 
 # ----------------------------------------------------------------------------- prioritised
@@ -290,6 +309,7 @@ def make_prioritised_trajectory_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A trajectory buffer sampled with probability `priority ** priority_exponent / total`.
 
@@ -300,7 +320,7 @@ def make_prioritised_trajectory_buffer(
                                 ignore_stale_priorities)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    core = PrioritisedCore(**fields, options=options)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
     return PrioritisedBuffer(core, TrajectoryLayout())
 
 
@@ -316,13 +336,18 @@ def make_prioritised_flat_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A prioritised flat buffer (PER, Schaul et al. 2015)."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
-    core = PrioritisedCore(**fields, options=options)
-    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
+    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
+                                                    frames=stack))
 
 
 def make_prioritised_item_buffer(
@@ -337,12 +362,13 @@ def make_prioritised_item_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """Prioritised independent items."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
     core = PrioritisedCore(**_item_fields(max_length, min_length, sample_batch_size),
-                           options=options)
+                           options=options, memory_kind=memory.checked(memory_kind))
     return PrioritisedBuffer(core, ItemLayout(add_batches, add_sequences))
 
 
@@ -364,15 +390,19 @@ def make_prioritised_n_step_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    frame_stack: Optional[Mapping[str, int]] = None,
+    memory_kind: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
     add_batch_size, priority_exponent, n_step=3)`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step)
-    core = PrioritisedCore(**fields, options=options)
+    stack = FrameStack.from_arg(frame_stack)
+    fields = stacked_fields(
+        _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step), stack)
+    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
     returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
     return PrioritisedBuffer(
-        core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)
+        core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns, stack)
     )

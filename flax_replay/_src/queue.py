@@ -8,13 +8,13 @@ holds `(write_index - read_index) mod T` steps per row (T when `is_full`).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from flax_replay._src import checks
+from flax_replay._src import checks, memory
 from flax_replay._src.core import Sample, empty_storage
 from flax_replay._src.typing import Array, PyTree
 
@@ -41,12 +41,13 @@ class TrajectoryQueue:
     add_batch_size: int
     add_sequence_length: int
     sample_sequence_length: int
+    memory_kind: Optional[str] = None  # of the experience leaves (`memory.py`)
     # `sample` reads and removes: it returns `(state, sample)` and takes no key.
     consumes_samples: ClassVar[bool] = True
 
     def init(self, experience: PyTree) -> TrajectoryQueueState:
         r, t = self.add_batch_size, self.max_length_time_axis
-        storage = empty_storage(experience, (r, t))
+        storage = memory.to_storage(empty_storage(experience, (r, t)), self.memory_kind)
         # Distinct arrays: one buffer shared by two fields cannot be donated (jit refuses to
         # donate the same buffer twice).
         return TrajectoryQueueState(storage, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
@@ -80,6 +81,7 @@ class TrajectoryQueue:
         )
         # A refused write goes to index t, which the scatter drops: no copy, no overwrite.
         time = jnp.where(fits, (state.write_index + jnp.arange(a)) % t, t)
+        time, batch = memory.to_storage((time, batch), self.memory_kind)
         experience = jax.tree.map(
             lambda store, x: store.at[:, time].set(x, mode="drop"), state.experience, batch
         )
@@ -100,7 +102,9 @@ class TrajectoryQueue:
             size=self.size(state),
         )
         time = (state.read_index + jnp.arange(l)) % t
-        experience = jax.tree.map(lambda x: x[:, time], state.experience)
+        time = memory.to_storage(time, self.memory_kind)
+        experience = memory.to_device(jax.tree.map(lambda x: x[:, time], state.experience),
+                                      self.memory_kind)
         new_read = jnp.where(ok, (state.read_index + l) % t, state.read_index)
         state = state.replace(
             read_index=new_read.astype(jnp.int32), is_full=state.is_full & ~ok

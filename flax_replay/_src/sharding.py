@@ -127,6 +127,10 @@ class ShardedBuffer:
             )
         if self.sampling not in ("local", "global"):
             raise ValueError(f"sampling must be 'local' or 'global', got {self.sampling!r}")
+        if self.buffer.core.memory_kind is not None:
+            # Not done yet: the shardings and shard_map blocks would need the memory kind.
+            raise ValueError(f"a buffer with memory_kind={self.buffer.core.memory_kind!r} "
+                             "cannot be sharded yet; make it with memory_kind=None")
         missing = [a for a in layout.axes(self.axis) if a not in self.mesh.shape]
         if missing:
             raise ValueError(f"axis {self.axis!r}: the mesh has no axis {missing[0]!r} "
