@@ -36,8 +36,8 @@ from typing import Any, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts  # type: ignore[import-untyped]
-from orbax.checkpoint.utils import deserialize_tree, serialize_tree  # type: ignore
+import tensorstore as ts
+from orbax.checkpoint.utils import serialize_tree
 
 from flax_replay._src import sum_tree
 from flax_replay._src.core import TrajectoryBufferState
@@ -412,7 +412,7 @@ class Vault:
         for f in futures:
             try:
                 f.result()
-            except Exception as e:  # noqa: PERF203  (collect them all before raising)
+            except Exception as e:  # every failure collected before raising
                 errors.append(str(e))
         if errors:
             raise VaultError(f"vault {self._base_path}: writing failed (vault_index unchanged "
@@ -643,3 +643,51 @@ def _set_saved_priorities(state: Any, core: Any, prios: np.ndarray,
         ps.max_priority, jnp.float32(max_priority))
     return state.replace(priority_state=ps.replace(sum_tree=sum_t, min_tree=min_t,
                                                    max_priority=max_p))
+
+
+# ----------------------------------------------------------------------------------- inspect
+def inspect(path: str) -> dict:
+    """What the vault at directory `path` holds: format version, rows, steps, each leaf's
+    shape (`[rows, steps, *item_shape]`) and dtype, bytes on disk and uncompressed, the
+    compression of each leaf, whether priorities are saved, and the user's metadata."""
+    v = Vault.open(path)
+    leaves, compression = {}, {}
+    raw = 0
+    for spec, store in zip(v._specs, v._stores):
+        leaves[spec.name] = {"shape": [spec.rows, v.vault_index, *spec.item_shape],
+                             "dtype": spec.dtype.name}
+        compression[spec.name] = store.spec().to_json()["metadata"].get("compressor")
+        raw += spec.rows * v.vault_index * int(np.prod(spec.item_shape)) * spec.dtype.itemsize
+    on_disk = sum(os.path.getsize(os.path.join(d, f))
+                  for d, _, files in os.walk(v.path) for f in files)
+    reserved = {"version", "structure_shape", "structure_dtype"}
+    kinds = {json.dumps(c, sort_keys=True) for c in compression.values()}
+    return {
+        "path": v.path,
+        "version": v.metadata["version"],
+        "rows": v.rows,
+        "steps": v.vault_index,
+        "leaves": leaves,
+        "bytes_on_disk": on_disk,
+        "bytes_uncompressed": raw,
+        "compression": (next(iter(compression.values())) if len(kinds) == 1 else compression),
+        "priorities": v._priority_arrays(create=False) is not None,
+        "metadata": {k: x for k, x in v.metadata.items() if k not in reserved},
+    }
+
+
+def format_inspection(info: dict) -> str:
+    """`inspect(path)` as text, one leaf a line."""
+    lines = [f"vault {info['path']} (format {info['version']})",
+             f"  steps: {info['steps']} per row x {info['rows']} rows",
+             f"  size: {info['bytes_on_disk']:,} bytes on disk, "
+             f"{info['bytes_uncompressed']:,} uncompressed",
+             f"  compression: {json.dumps(info['compression'])}",
+             f"  priorities saved: {'yes' if info['priorities'] else 'no'}",
+             "  leaves:"]
+    width = max(len(n) for n in info["leaves"])
+    for name, leaf in info["leaves"].items():
+        lines.append(f"    {name:<{width}}  {leaf['dtype']:<8} {tuple(leaf['shape'])}")
+    if info["metadata"]:
+        lines.append(f"  metadata: {json.dumps(info['metadata'])}")
+    return "\n".join(lines)
