@@ -58,7 +58,8 @@ def parse_args(argv=None):
     a("--updates", type=int, default=30_000, help="offline gradient updates")
     a("--update-chunk", type=int, default=2_000, help="offline updates per evaluation")
     a("--batch-size", type=int, default=256)
-    a("--lr", type=float, default=3e-4)
+    a("--lr", type=float, default=3e-4, help="Adam learning rate, cosine-decayed to --lr-end")
+    a("--lr-end", type=float, default=1e-5)
     a("--gamma", type=float, default=0.98)
     a("--tau", type=float, default=0.005, help="Polyak rate of the target network")
     a("--cql-alpha", type=float, default=0.1,
@@ -120,7 +121,8 @@ def train_offline(args, env: dqn_per.VecEnv, vault_dir: Path) -> dict:
     q_net = dqn_per.QNetwork(env.num_actions, tuple(args.hidden))
     online = q_net.init(jax.random.key(args.seed + 1), jnp.zeros((1, *env.obs_shape)))
     params = {"online": online, "target": jax.tree.map(jnp.copy, online)}
-    tx = optax.adam(args.lr)
+    # Decayed: with no new data coming, a late high learning rate only chases noise.
+    tx = optax.adam(optax.cosine_decay_schedule(args.lr, args.updates, args.lr_end / args.lr))
     opt_state = tx.init(params["online"])
 
     def update(data, carry, key):

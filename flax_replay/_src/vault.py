@@ -365,11 +365,7 @@ class Vault:
         where = f"vault {self._base_path}: "
         if not self._received:
             # The first write takes what the buffer holds, whatever came before it.
-            self._received = True
-            n = t if full else cur
-            if w is not None:
-                self._last_written = w - n
-            return n
+            return t if full else cur
         if w is not None:
             n = w - self._last_written
             if n < 0:
@@ -448,7 +444,7 @@ class Vault:
         if core.max_length_time_axis != t:
             raise VaultError(f"vault {self._base_path}: buffer= has time axis "
                              f"{core.max_length_time_axis}, the state {t}")
-        if self._run_offset is None or w - n != self._last_written:
+        if self._run_offset is None:
             # A new run of incremental writes: buffer time s is at vault position s + offset.
             self._run_offset, self._run_start = dest - (w - n), dest
         offset = self._run_offset
