@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import json
 import os
 from datetime import datetime
@@ -401,7 +402,7 @@ class Vault:
         offset = dest
         for lo, hi in pieces:
             for spec, store in zip(self._specs, self._stores):
-                data = np.asarray(by_name[spec.name][:, lo:hi])
+                data = _host_slice(by_name[spec.name], lo, hi)
                 futures.append(store[:, offset:offset + hi - lo].write(data))
             offset += hi - lo
         errors = []
@@ -451,7 +452,9 @@ class Vault:
         lo = max(w - t, self._run_start - offset)
         s = np.arange(lo, w)
         slots = core.slots_per_row
-        leaves = np.asarray(sum_tree.leaves(state.priority_state.sum_tree, core.tree_geometry))
+        geo = core.tree_geometry  # the leaf level, sliced on the host (no compile per write)
+        leaves = np.asarray(state.priority_state.sum_tree)[
+            geo.offsets[-1]:geo.offsets[-1] + geo.num_leaves]
         leaf = np.arange(core.add_batch_size)[:, None] * slots + (s % t)[None, :] // period
         unknown = (s % period != 0) | (s + length > w)
         vals = np.where(unknown[None, :], np.nan, leaves[leaf]).astype(np.float32)
@@ -587,7 +590,7 @@ class Vault:
         m = jax.tree_util.tree_leaves(data)[0].shape[1]
         if m == 0:
             return state
-        state = jax.jit(core.add, donate_argnums=0)(state, data)
+        state = _add_rows(core, state, data)
         if prios is None:
             return state
         return _set_saved_priorities(state, core, np.asarray(prios)[:, :m],
@@ -615,30 +618,45 @@ def _time_major(x: np.ndarray, t: int) -> np.ndarray:
     return flat[max(flat.shape[0] - t, 0):][None]
 
 
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _add_rows(core: Any, state: Any, rows: PyTree) -> Any:
+    """`core.add`, compiled once per buffer and shape (the core is static and hashable)."""
+    return core.add(state, rows)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _set_leaves(core: Any, state: Any, index: Any, values: Any, mask: Any,
+                max_priority: Any) -> Any:
+    ps = state.priority_state
+    sum_t, min_t = sum_tree.update_sum_min(ps.sum_tree, ps.min_tree, core.tree_geometry,
+                                           index, values, mask)
+    return state.replace(priority_state=ps.replace(
+        sum_tree=sum_t, min_tree=min_t, max_priority=jnp.maximum(ps.max_priority, max_priority)))
+
+
 def _set_saved_priorities(state: Any, core: Any, prios: np.ndarray,
                           max_priority: Optional[float]) -> Any:
     """Leaf values of the valid items of a freshly loaded prioritised state (written per row
     = the m loaded steps, so slot k holds the item starting at time k * period) from `prios`
     `[rows, m]` where not NaN; the others keep the new-item priority."""
     m = prios.shape[1]
-    w = int(state.running_index)
-    assert w == m, (w, m)
-    period, slots = core.period, core.slots_per_row
-    k = np.arange(slots)
-    starts = k * period
-    lo, n = (int(v) for v in core.valid_window(jnp.asarray(w)))
-    valid = (starts >= lo) & (starts < lo + n * period)
+    period, slots, length = core.period, core.slots_per_row, core.sample_sequence_length
+    starts = np.arange(slots) * period
+    # Valid items of a buffer that received exactly m <= T steps: starts 0, P, ... <= m - L.
+    valid = starts + length <= m
     vals = prios[:, np.minimum(starts, m - 1)]
     mask = valid[None, :] & ~np.isnan(vals)
-    index = (np.arange(core.add_batch_size)[:, None] * slots + k[None, :]).reshape(-1)
-    ps = state.priority_state
-    sum_t, min_t = sum_tree.update_sum_min(
-        ps.sum_tree, ps.min_tree, core.tree_geometry, jnp.asarray(index, jnp.int32),
-        jnp.asarray(np.nan_to_num(vals).reshape(-1), jnp.float32), jnp.asarray(mask.reshape(-1)))
-    max_p = ps.max_priority if max_priority is None else jnp.maximum(
-        ps.max_priority, jnp.float32(max_priority))
-    return state.replace(priority_state=ps.replace(sum_tree=sum_t, min_tree=min_t,
-                                                   max_priority=max_p))
+    index = np.arange(core.add_batch_size * slots, dtype=np.int32)
+    return _set_leaves(core, state, index, np.nan_to_num(vals).reshape(-1).astype(np.float32),
+                       mask.reshape(-1), np.float32(1.0 if max_priority is None else max_priority))
+
+
+def _host_slice(x: Any, lo: int, hi: int) -> np.ndarray:
+    """`x[:, lo:hi]` on the host. A CPU array is viewed in place (an eager JAX slice would
+    compile a new program for every interval); elsewhere only the slice is copied over."""
+    if isinstance(x, jax.Array) and any(d.platform != "cpu" for d in x.devices()):
+        return np.asarray(jax.device_get(x[:, lo:hi]))
+    return np.asarray(x)[:, lo:hi]
 
 
 # ----------------------------------------------------------------------------------- inspect
