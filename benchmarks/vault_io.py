@@ -158,15 +158,17 @@ def main() -> None:
         "about 7 agents) and gzip runs at tens of MB/s, so 1 GiB would take minutes per run.",
         "",
         "| format | write s | write MB/s | read s | read MB/s | on disk MB | write / NumPy "
-        "| read / NumPy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| read / NumPy | median write / read s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, rs in results.items():
         w = min(r[0] for r in rs)
         r = min(r[1] for r in rs)
         disk = statistics.median(r[2] for r in rs) / 1e6
+        mw, mr = statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)
         lines.append(f"| {name} | {w:.2f} | {mb / w:.0f} | {r:.2f} | {mb / r:.0f} | "
-                     f"{disk:.0f} | {w / base_w:.1f}x | {r / base_r:.1f}x |")
+                     f"{disk:.0f} | {w / base_w:.1f}x | {r / base_r:.1f}x | "
+                     f"{mw:.2f} / {mr:.2f} |")
     load = os.getloadavg()[0]
     lines += [
         "",
