@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flashbax.vault import Vault as FlashbaxVault
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import flax_replay as fbx
 from flax_replay._src import sum_tree
@@ -247,7 +249,7 @@ def test_into_trajectory_and_flat_buffers(in_tmp, capacity):
     state0 = TRAJ.init(EXAMPLE)
     v = Vault("v", state0.experience, vault_uid="u")
     _, k = run([5, 7, 3, 7], vaults=(v,))  # k = 22
-    buf = fbx.make_trajectory_buffer(max_length_time_axis=capacity, min_length_time_axis=2,
+    buf = fbx.make_trajectory_buffer(max_length_time_axis=capacity, min_length_time_axis=3,
                                      sample_batch_size=4, add_batch_size=ROWS,
                                      sample_sequence_length=3, period=1)
     s = v.into_buffer(buf)
@@ -475,3 +477,27 @@ def test_offline_to_online_in_one_jitted_step(in_tmp):
     np.testing.assert_array_equal(pair.second["obs"] - pair.first["obs"], 1)
     # The offline buffer was only read: still the vault's 10 steps.
     assert int(offline_state.current_index) == 10 and not bool(offline_state.is_full)
+
+
+@settings(max_examples=10)
+@given(st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=14),
+       st.booleans())
+def test_random_adds_and_writes_keep_every_step(tmp_path_factory, ops, count):
+    """Random add lengths and write points (never more than a time axis apart): the vault is
+    the whole stream of steps, in order; with `written=` or without."""
+    root = tmp_path_factory.mktemp("vaults")
+    state = TRAJ.init(EXAMPLE)
+    v = Vault("h", state.experience, rel_dir=str(root), vault_uid="u")
+    k = since = 0
+    for a, write in ops:
+        if since + a > 8:  # this add would lose steps: write first
+            v.write(state, written=k if count else None)
+            since = 0
+        state = ADD(state, rows_of(k, a))
+        k, since = k + a, since + a
+        if write:
+            v.write(state, written=k if count else None)
+            since = 0
+    v.write(state, written=k if count else None)
+    assert v.vault_index == k
+    assert_tree_equal(v.read().experience, expected(0, k))
