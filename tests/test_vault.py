@@ -479,8 +479,8 @@ def test_offline_to_online_in_one_jitted_step(in_tmp):
     assert int(offline_state.current_index) == 10 and not bool(offline_state.is_full)
 
 
-@settings(max_examples=10)
-@given(st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=14),
+@settings(max_examples=6)
+@given(st.lists(st.tuples(st.integers(1, 8), st.booleans()), min_size=1, max_size=10),
        st.booleans())
 def test_random_adds_and_writes_keep_every_step(tmp_path_factory, ops, count):
     """Random add lengths and write points (never more than a time axis apart): the vault is
