@@ -9,9 +9,10 @@ Flax views of the same buffers: `flax_replay.linen.ReplayBuffer`, `flax_replay.n
 (Variable types `Replay`, `Priorities`).
 Sharded and multi-host buffers: `flax_replay.shard(buffer, mesh, axis="data")` (see
 `flax_replay.sharding`).
+Offline datasets in Flashbax's Vault format: `flax_replay.vault.Vault`.
 """
 
-from flax_replay import linen, nnx, sharding
+from flax_replay import linen, nnx, sharding, vault
 from flax_replay._src.buffers import (
     Buffer,
     ExperiencePair,
@@ -64,5 +65,5 @@ __all__ = [
     "make_prioritised_flat_buffer", "make_prioritised_trajectory_buffer",
     "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
     "make_mixer", "TrainState", "to_collections", "from_collections", "linen", "nnx",
-    "ShardedBuffer", "shard", "sharding",
+    "ShardedBuffer", "shard", "sharding", "vault",
 ]
