@@ -19,11 +19,19 @@ the template leaf's concrete sharding, so a restored buffer lands sharded as the
 the template: another buffer capacity, a missing or extra leaf, another shape or dtype is a
 `ValueError` that names it. Orbax itself would refuse some of these with a less specific
 message; none is ever silently reshaped.
+
+What was read is then verified (`integrity.py`): the CRC-32 of every array, recorded in the
+step's metadata at save time (Orbax does not checksum array data), and the buffer's own
+invariants (tree sums and mins, positions in range). Damage is a `CheckpointError` naming the
+step, item and leaf; a step saved without checksums (older flax_replay) restores with a
+one-line warning.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,15 +41,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_replay._src import integrity
+
 PyTree = Any
 
 ITEMS = ("params", "opt_state", "replay", "priorities", "rng", "step")
+METADATA_KEY = "flax_replay"  # our record in the step's custom metadata
 _EXPERIENCE = "experience"  # the storage field of every buffer state (see state.py)
 
 
 class CheckpointError(ValueError):
     """A checkpoint step exists but cannot be read (truncated, corrupted, or written by
     something else). The message names the step and the steps that remain."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A step saved without checksums (before flax_replay recorded them): restored, but its
+    array data could not be verified."""
 
 
 # ------------------------------------------------------------------------------ manager
@@ -179,13 +195,18 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
         raise
     except Exception as e:
         err = e
+    raise _damaged(manager, step, f"could not be read ({what}): it is truncated, corrupted or "
+                   f"not a flax_replay checkpoint",
+                   f"Cause: {type(err).__name__}: {str(err)[:500]}") from err
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, what: str,
+             detail: str = "") -> CheckpointError:
     others = [s for s in manager.all_steps() if s != step]
-    raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} could not be read ({what}): it is "
-        f"truncated, corrupted or not a flax_replay checkpoint. Other steps available: "
-        f"{others or 'none'} (restore one with step=...). Cause: {type(err).__name__}: "
-        f"{str(err)[:500]}"
-    ) from err
+    return CheckpointError(
+        f"checkpoint step {step} in {manager.directory} {what}. Other steps available: "
+        f"{others or 'none'} (restore one with step=...).{' ' + detail if detail else ''}"
+    )
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -291,19 +312,72 @@ def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
     return int(step)
 
 
+def _leaves(items: dict[str, PyTree]) -> integrity.Leaves:
+    return {item: {"/".join(path): x for path, x in _flat(tree).items()}
+            for item, tree in items.items() if _has_leaves(tree)}
+
+
 def _save_items(manager, step, items: dict[str, PyTree], force: bool) -> bool:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if _has_leaves(v)}
-    return manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    if not manager.should_save(int(step)) and not force:
+        return False  # not on the interval: no checksum pass either
+    # Checksums of what is saved, taken now: the arrays are immutable (a donated step while
+    # Orbax still writes gets a copy), and on CPU this reads them in place.
+    record = {"checksums": integrity.checksums(_leaves(items))}
+    return manager.save(int(step), args=ocp.args.Composite(**args), force=force,
+                        custom_metadata={METADATA_KEY: record})
+
+
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # where Orbax writes a step's custom metadata
+
+
+def _record(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+    """Our record in the step's metadata, or None (a step saved without it).
+
+    Read from the step's metadata file itself: `manager.metadata(step)` would also read
+    every item's metadata, and `restore_params` must not touch the buffer's files.
+    """
+
+    def read():
+        path = _step_directory(manager, step) / STEP_METADATA_FILE
+        if not path.exists():
+            return None
+        custom = json.loads(path.read_text()).get("custom_metadata") or {}
+        return custom.get(METADATA_KEY)
+
+    return _wrap_errors(manager, step, "step metadata", read)
+
+
+def _verify(manager, step: int, record: Optional[dict], restored: dict[str, PyTree]) -> None:
+    """Raises a CheckpointError if what was read is not what was saved, or is no valid
+    buffer; warns once if the step has no checksums to compare with."""
+    if record is None or "checksums" not in record:
+        warnings.warn(f"checkpoint step {step} in {manager.directory} has no checksums (saved "
+                      "by an older flax_replay): its array data cannot be verified",
+                      UnverifiedCheckpointWarning, stacklevel=4)
+    else:
+        bad = integrity.mismatches(record["checksums"], _leaves(restored))
+        if bad:
+            shown = "; ".join(f"item '{i}' leaf '{leaf}': {what}" for i, leaf, what in bad[:8])
+            raise _damaged(manager, step, "is corrupted: the data read differ from the data "
+                           f"saved ({shown})")
+    problems = integrity.buffer_problems(restored.get("replay", {}),
+                                         restored.get("priorities", {}))
+    if problems:
+        raise _damaged(manager, step, "holds an invalid buffer: " + "; ".join(problems[:8]))
 
 
 def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree]
                    ) -> tuple[dict[str, PyTree], int]:
     step = _resolve_step(manager, step)
     check_compatible(manager, step, templates)
+    record = _record(manager, step)
     args = {k: ocp.args.StandardRestore(_abstract(k, v))
             for k, v in templates.items() if _has_leaves(v)}
     restored = _wrap_errors(manager, step, "arrays",
                             lambda: manager.restore(step, args=ocp.args.Composite(**args)))
+    restored = {k: restored[k] for k in args}
+    _verify(manager, step, record, restored)
     # Empty items (no priorities for a uniform buffer) come back as the template.
     return {k: restored[k] if k in args else v for k, v in templates.items()}, step
 
