@@ -5,7 +5,11 @@ and verified at restore, the buffer's invariants checked on what was read, old c
 from __future__ import annotations
 
 import gc
+import json
+import logging
 import shutil
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +24,9 @@ import flax_replay as fbx
 from flax_replay import checkpoint as ckpt
 from flax_replay._src import checkpoint as ckpt_impl
 from flax_replay._src import integrity, sum_tree
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import resume_job as job
 
 ROWS, T, OBS = 4, 64, 256  # 256 KiB of observations: the largest file of the replay item
 
@@ -217,3 +224,99 @@ def test_invariants_hold_for_real_trees_of_every_branching():
 def _collect():
     yield
     gc.collect()  # Orbax's failed reads: their warnings here, not in a later test
+
+
+# ------------------------------------------------------------------------------ configuration
+def _linen(**options):
+    """The resume job's Linen state, its buffer built with `options`."""
+    kwargs = dict(max_length=48, min_length=8, sample_batch_size=8, add_batch_size=job.ENVS,
+                  priority_exponent=0.6)
+    kwargs.update(options)
+    return job.linen_setup(fbx.make_prioritised_flat_buffer(**kwargs))[0]
+
+
+def test_buffer_configuration_is_recorded_and_another_is_refused(tmp_path):
+    state = _linen()
+    manager = ckpt.make_manager(tmp_path, enable_async=False)
+    assert ckpt.save(manager, 1, state, jax.random.key(1), metadata={"flags": {"lr": 0.1}})
+    record = json.loads((tmp_path / "1" / "_CHECKPOINT_METADATA").read_text())
+    buffers = record["custom_metadata"]["flax_replay"]["buffers"]
+    assert list(buffers) == ["replay"]  # the LinenAgent's submodule named "replay"
+    assert buffers["replay"]["core.options.priority_exponent"] == 0.6
+    assert buffers["replay"]["core.add_batch_size"] == job.ENVS
+    assert ckpt.run_metadata(manager) == {"flags": {"lr": 0.1}}
+
+    with pytest.raises(ValueError, match=r"checkpoint step 1 .*configured otherwise") as info:
+        ckpt.restore(manager, _linen(priority_exponent=0.5, sampling="independent"),
+                     jax.random.key(0))
+    message = str(info.value)
+    assert ("buffer 'replay': core.options.priority_exponent is 0.6 in the checkpoint, 0.5 in "
+            "the template") in message, message
+    assert "sampling" not in message  # how samples are drawn may change
+    assert not isinstance(info.value, ckpt.CheckpointError)
+    # Fields that only say how samples are drawn may change.
+    new, _, _ = ckpt.restore(manager, _linen(sample_batch_size=16, min_length=4,
+                                             sampling="independent"), jax.random.key(0))
+    assert _equal(new.priorities, state.priorities)
+
+
+def test_nnx_buffer_configuration_is_recorded_and_another_is_refused(tmp_path, monkeypatch):
+    model, optimizer = job.nnx_setup()
+    manager = ckpt.make_manager(tmp_path, enable_async=False)
+    assert ckpt.save_nnx(manager, 1, model, optimizer, jax.random.key(1))
+    assert ckpt.run_metadata(manager) is None
+    monkeypatch.setattr(job, "make_buffer", lambda: fbx.make_prioritised_flat_buffer(
+        max_length=48, min_length=8, sample_batch_size=8, add_batch_size=job.ENVS,
+        priority_exponent=1.0))
+    other, other_opt = job.nnx_setup()
+    with pytest.raises(ValueError, match=r"buffer 'replay': core.options.priority_exponent is "
+                                         r"0.6 in the checkpoint, 1.0 in the template"):
+        ckpt.restore_nnx(manager, other, other_opt, jax.random.key(0))
+    monkeypatch.undo()
+    rng, step = ckpt.restore_nnx(manager, *job.nnx_setup(), jax.random.key(0))
+    assert step == 1
+
+
+def test_leftover_tmp_directory_is_ignored_without_warnings(tmp_path, saved, caplog):
+    """What a save killed mid-write leaves: ignored, removed, and nothing logged above INFO."""
+    _, state = saved
+    manager = ckpt.make_manager(tmp_path, enable_async=False)
+    assert ckpt.save(manager, 1, state, jax.random.key(1))
+    manager.close()
+    shutil.copytree(tmp_path / "1", tmp_path / "2.orbax-checkpoint-tmp")
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manager = ckpt.make_manager(tmp_path)
+        assert manager.all_steps() == [1]
+        assert ckpt.restore(manager, state, jax.random.key(0))[2] == 1
+        manager.wait_until_finished()
+    assert not caught, [str(w.message) for w in caught]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    for _ in range(100):  # removed in the background
+        if not (tmp_path / "2.orbax-checkpoint-tmp").exists():
+            break
+        time.sleep(0.05)
+    assert not (tmp_path / "2.orbax-checkpoint-tmp").exists()
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_truncated_step_is_one_error_without_orbax_tracebacks(saved, tmp_path):
+    """Orbax abandons its other reads when one fails; collected later, each printed a long
+    traceback ("Exception ignored in ... _read_array_index_and_device_put"). They are
+    finalised, silently, before the CheckpointError is raised."""
+    root, state = saved
+    root = _copy(root, tmp_path)
+    target = _largest_file(root / "2" / "replay")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    seen = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = seen.append
+    try:
+        with pytest.raises(ckpt.CheckpointError, match=r"checkpoint step 2 .*could not be "
+                                                       r"read.*Other steps available: \[1\]"):
+            ckpt.restore(ckpt.make_manager(root), state, jax.random.key(0))
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert not seen, [str(u.exc_value)[:200] for u in seen]

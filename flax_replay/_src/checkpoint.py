@@ -29,8 +29,10 @@ one-line warning.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +43,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flax_replay._src import integrity
+from flax_replay._src import buffer_config, integrity
 
 PyTree = Any
 
@@ -195,9 +197,41 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
         raise
     except Exception as e:
         err = e
+    _release_failed_reads(err)
     raise _damaged(manager, step, f"could not be read ({what}): it is truncated, corrupted or "
                    f"not a flax_replay checkpoint",
                    f"Cause: {type(err).__name__}: {str(err)[:500]}") from err
+
+
+def _release_failed_reads(err: BaseException) -> None:
+    """Finalises, silently, Orbax's read coroutines that a failed restore abandoned.
+
+    When one array of a damaged step cannot be read, Orbax's other reads are left suspended,
+    referenced from the traceback. Each one, when finally collected (at some later moment,
+    in another test or at exit), raises from its `except` clause and Python prints ~100
+    lines of "Exception ignored in <coroutine _read_array_index_and_device_put>" with
+    TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
+    cause chain are dropped (the exceptions and their messages are kept), the coroutines are
+    collected now, and only their own unraisable errors are muted while that happens.
+    """
+    seen: set[int] = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is None or "orbax" not in code.co_filename:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 def _damaged(manager: ocp.CheckpointManager, step: int, what: str,
@@ -317,13 +351,16 @@ def _leaves(items: dict[str, PyTree]) -> integrity.Leaves:
             for item, tree in items.items() if _has_leaves(tree)}
 
 
-def _save_items(manager, step, items: dict[str, PyTree], force: bool) -> bool:
+def _save_items(manager, step, items: dict[str, PyTree], force: bool,
+                buffers: dict[str, dict], metadata: Optional[dict]) -> bool:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if _has_leaves(v)}
     if not manager.should_save(int(step)) and not force:
         return False  # not on the interval: no checksum pass either
     # Checksums of what is saved, taken now: the arrays are immutable (a donated step while
     # Orbax still writes gets a copy), and on CPU this reads them in place.
-    record = {"checksums": integrity.checksums(_leaves(items))}
+    record = {"checksums": integrity.checksums(_leaves(items)), "buffers": buffers}
+    if metadata is not None:
+        record["metadata"] = json.loads(json.dumps(metadata))  # JSON now, not in the thread
     return manager.save(int(step), args=ocp.args.Composite(**args), force=force,
                         custom_metadata={METADATA_KEY: record})
 
@@ -348,7 +385,15 @@ def _record(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
     return _wrap_errors(manager, step, "step metadata", read)
 
 
-def _verify(manager, step: int, record: Optional[dict], restored: dict[str, PyTree]) -> None:
+def run_metadata(manager: ocp.CheckpointManager, step: Optional[int] = None) -> Optional[dict]:
+    """The `metadata` given to `save` for checkpoint `step` (default: latest), or None (none
+    given, or a step saved by an older flax_replay). Reads one small file."""
+    step = _resolve_step(manager, step)
+    return (_record(manager, step) or {}).get("metadata")
+
+
+def _verify(manager, step: int, record: Optional[dict], restored: dict[str, PyTree],
+            buffers: dict[str, dict]) -> None:
     """Raises a CheckpointError if what was read is not what was saved, or is no valid
     buffer; warns once if the step has no checksums to compare with."""
     if record is None or "checksums" not in record:
@@ -362,22 +407,29 @@ def _verify(manager, step: int, record: Optional[dict], restored: dict[str, PyTr
             raise _damaged(manager, step, "is corrupted: the data read differ from the data "
                            f"saved ({shown})")
     problems = integrity.buffer_problems(restored.get("replay", {}),
-                                         restored.get("priorities", {}))
+                                         restored.get("priorities", {}),
+                                         buffer_config.branchings(buffers))
     if problems:
         raise _damaged(manager, step, "holds an invalid buffer: " + "; ".join(problems[:8]))
 
 
-def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree]
-                   ) -> tuple[dict[str, PyTree], int]:
+def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree],
+                   buffers: Optional[dict[str, dict]] = None) -> tuple[dict[str, PyTree], int]:
     step = _resolve_step(manager, step)
     check_compatible(manager, step, templates)
     record = _record(manager, step)
+    saved_buffers = (record or {}).get("buffers") or {}
+    diff = buffer_config.differences(saved_buffers, buffers or {})
+    if diff:
+        raise ValueError(
+            f"checkpoint step {step} in {manager.directory} was saved by a buffer configured "
+            "otherwise (its stored state would be misread):\n  " + "\n  ".join(diff))
     args = {k: ocp.args.StandardRestore(_abstract(k, v))
             for k, v in templates.items() if _has_leaves(v)}
     restored = _wrap_errors(manager, step, "arrays",
                             lambda: manager.restore(step, args=ocp.args.Composite(**args)))
     restored = {k: restored[k] for k in args}
-    _verify(manager, step, record, restored)
+    _verify(manager, step, record, restored, {**saved_buffers, **(buffers or {})})
     # Empty items (no priorities for a uniform buffer) come back as the template.
     return {k: restored[k] if k in args else v for k, v in templates.items()}, step
 
@@ -390,7 +442,7 @@ def _restored_rng(template: Any, data: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------ Linen
 def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, *,
-         force: bool = False) -> bool:
+         force: bool = False, metadata: Optional[dict] = None) -> bool:
     """Saves `state` (a `flax_replay.TrainState`) and `rng` as checkpoint `step`.
 
     Returns whether a save started (False when `step` is not on `save_interval_steps`, unless
@@ -399,11 +451,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, 
     references while it writes, and a donated step issued meanwhile makes XLA copy the buffer
     instead of updating it in place (correct, but a copy: for a large buffer, save every few
     hundred steps rather than every step).
+
+    Also recorded in the step's metadata: a checksum of every array, the configuration of
+    every buffer found in `state.apply_fn`'s module (see `buffer_config`), and `metadata`
+    (any JSON-serialisable dict, e.g. a run's flags; read back with `run_metadata`).
     """
     return _save_items(manager, step, {
         "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
         "priorities": state.priorities, "rng": _rng_item(rng), "step": _step_item(state.step),
-    }, force)
+    }, force, buffer_config.of_linen(state), metadata)
 
 
 def restore(manager: ocp.CheckpointManager, state: Any, rng: jax.Array,
@@ -412,15 +468,16 @@ def restore(manager: ocp.CheckpointManager, state: Any, rng: jax.Array,
     the template `state` and `rng` (arrays or ShapeDtypeStructs with concrete shardings).
 
     Returns `(state, rng, step)`; `rng` is a typed key if the template is. Raises
-    `FileNotFoundError` if there is no such step, `ValueError` naming the capacity, leaf, shape
-    or dtype that differs from the template, `CheckpointError` if the step is damaged.
+    `FileNotFoundError` if there is no such step, `ValueError` naming the capacity, leaf, shape,
+    dtype or buffer configuration (e.g. `priority_exponent`) that differs from the template,
+    `CheckpointError` if the step is damaged (checksum or buffer invariant).
     """
     templates = {
         "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
         "priorities": state.priorities, "rng": _rng_template(rng),
         "step": _step_item(state.step),
     }
-    out, step = _restore_items(manager, step, templates)
+    out, step = _restore_items(manager, step, templates, buffer_config.of_linen(state))
     new_state = state.replace(params=out["params"], opt_state=out["opt_state"],
                               replay=out["replay"], priorities=out["priorities"],
                               step=out["step"]["step"])
@@ -467,13 +524,13 @@ def _nnx_assign(obj: Any, filt: Any, pure: dict) -> None:
 
 
 def save_nnx(manager: ocp.CheckpointManager, step: int, model: Any, optimizer: Any,
-             rng: jax.Array, *, force: bool = False) -> bool:
+             rng: jax.Array, *, force: bool = False, metadata: Optional[dict] = None) -> bool:
     """`save` for NNX: `nnx.Param`s of `model` -> params, the `nnx.OptState`s of `optimizer`
     -> opt_state (its `step` counter -> step), `Replay`/`Priorities` Variables -> replay and
     priorities. Same items, so `restore_params` works on either flavour's checkpoints."""
     items = _nnx_items(model, optimizer)
     items["rng"] = _rng_item(rng)
-    return _save_items(manager, step, items, force)
+    return _save_items(manager, step, items, force, buffer_config.of_nnx(model), metadata)
 
 
 def restore_nnx(manager: ocp.CheckpointManager, model: Any, optimizer: Any, rng: jax.Array,
@@ -486,7 +543,7 @@ def restore_nnx(manager: ocp.CheckpointManager, model: Any, optimizer: Any, rng:
 
     templates = _nnx_items(model, optimizer)
     templates["rng"] = _rng_template(rng)
-    out, step = _restore_items(manager, step, templates)
+    out, step = _restore_items(manager, step, templates, buffer_config.of_nnx(model))
     _nnx_assign(model, nnx.Param, out["params"])
     _nnx_assign(model, Replay, out["replay"])
     _nnx_assign(model, Priorities, out["priorities"])
