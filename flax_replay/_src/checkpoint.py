@@ -203,6 +203,11 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
                    f"Cause: {type(err).__name__}: {str(err)[:500]}") from err
 
 
+def _is_orbax_read(unraisable: Any) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
 def _release_failed_reads(err: BaseException) -> None:
     """Finalises, silently, Orbax's read coroutines that a failed restore abandoned.
 
@@ -211,8 +216,10 @@ def _release_failed_reads(err: BaseException) -> None:
     in another test or at exit), raises from its `except` clause and Python prints ~100
     lines of "Exception ignored in <coroutine _read_array_index_and_device_put>" with
     TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
-    cause chain are dropped (the exceptions and their messages are kept), the coroutines are
-    collected now, and only their own unraisable errors are muted while that happens.
+    cause chain are dropped (the exceptions and their messages are kept) and the coroutines
+    are collected now. One still held by Orbax's own thread may be collected later, so from
+    the first failed read on, `sys.unraisablehook` mutes exactly these (Orbax coroutines)
+    and passes everything else to the hook it wraps.
     """
     seen: set[int] = set()
     e: Optional[BaseException] = err
@@ -221,17 +228,15 @@ def _release_failed_reads(err: BaseException) -> None:
         e.__traceback__ = None
         e = e.__cause__ or e.__context__
     previous = sys.unraisablehook
+    if not getattr(previous, "_flax_replay_mutes_orbax_reads", False):
 
-    def hook(unraisable: Any) -> None:
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "orbax" not in code.co_filename:
-            previous(unraisable)
+        def hook(unraisable: Any) -> None:
+            if not _is_orbax_read(unraisable):
+                previous(unraisable)
 
-    sys.unraisablehook = hook
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+        hook._flax_replay_mutes_orbax_reads = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+    gc.collect()
 
 
 def _damaged(manager: ocp.CheckpointManager, step: int, what: str,
