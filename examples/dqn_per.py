@@ -2,6 +2,7 @@
 
     python examples/dqn_per.py            # trains, or resumes from checkpoints/dqn_per/
     python examples/dqn_per.py --fresh    # starts over
+    python examples/dqn_per.py --stop-at 100000   # pauses there; a rerun continues the run
 
 The agent is one Linen module: the online and target Q-networks and a
 `flax_replay.linen.ReplayBuffer` submodule (a prioritised flat buffer, one row per
@@ -13,12 +14,18 @@ step and sets the new priorities. Orbax checkpoints the whole state, buffer incl
 chunks; a rerun resumes from the latest checkpoint (only the environments start new episodes).
 After every chunk the greedy policy is evaluated; the curve, a summary and the checkpoints go
 to `--checkpoint-dir` (`_report.py` draws and writes them).
+
+The run's flags are stored with every checkpoint: a rerun with other flags (another
+`--total-steps` would change every schedule, another `--batch-size` the buffer) is refused,
+naming the flags that differ, unless they are in `SAFE_FLAGS` (output, checkpointing,
+evaluation and `--stop-at`). The wall time in `summary.json` adds up over the reruns.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -87,6 +94,9 @@ def parse_args(argv=None, run_name: str = "dqn_per", description: str = __doc__)
     a("--checkpoint-every", type=int, default=4, help="chunks between checkpoints")
     a("--fresh", action="store_true", help="ignore (and replace) existing checkpoints")
     a("--no-progress", action="store_true", help="no progress bar (logs one line a chunk)")
+    a("--stop-at", type=int, default=None,
+      help="stop this invocation at this many env steps (checkpoint, evaluation, summary); "
+           "the schedules still span --total-steps, and a rerun continues the run")
     args = p.parse_args(argv)
     if args.chunk_steps % args.num_envs:
         p.error(f"--chunk-steps ({args.chunk_steps}) must be a multiple of --num-envs "
@@ -94,7 +104,49 @@ def parse_args(argv=None, run_name: str = "dqn_per", description: str = __doc__)
     if args.total_steps % args.chunk_steps:
         p.error(f"--total-steps ({args.total_steps}) must be a multiple of --chunk-steps "
                 f"({args.chunk_steps})")
+    if args.stop_at is not None and args.stop_at % args.chunk_steps:
+        p.error(f"--stop-at ({args.stop_at}) must be a multiple of --chunk-steps "
+                f"({args.chunk_steps})")
     return args
+
+
+# Flags a rerun may change: where outputs go, how often checkpoints are written, how the
+# policy is evaluated, where this invocation stops. Every other flag shapes the training
+# (schedules, buffer, network, environment, seed): a run resumed with another value would be
+# neither the old run nor a new one.
+SAFE_FLAGS = ("checkpoint_dir", "checkpoint_every", "eval_episodes", "fresh", "no_progress",
+              "stop_at")
+
+
+def run_flags(args) -> dict:
+    """The flags that define the run (JSON values), stored with every checkpoint."""
+    return {k: v for k, v in json.loads(json.dumps(vars(args), default=str)).items()
+            if k not in SAFE_FLAGS}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_rerun(manager, args, run_dir: Path) -> float:
+    """Before resuming: refuses (SystemExit) flags that differ from those stored with the
+    latest checkpoint, naming them; returns the wall time the run has taken so far (0 for a
+    new run, or checkpoints that predate this record)."""
+    if checkpoint.latest_step(manager) is None:
+        return 0.0
+    saved = checkpoint.run_metadata(manager) or {}
+    before, now = saved.get("flags"), run_flags(args)
+    if before is not None:
+        diff = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diff:
+            lines = "\n".join(f"  {_flag(k)}: {before.get(k)!r} in the checkpoints, "
+                              f"{now.get(k)!r} now" for k in diff)
+            raise SystemExit(
+                f"{run_dir} holds a run with other flags:\n{lines}\nRerun with the same values "
+                "to continue it, run with --fresh to start over (its checkpoints and outputs "
+                "are replaced), or pick another --checkpoint-dir. Flags that may change on a "
+                "rerun: " + ", ".join(_flag(k) for k in SAFE_FLAGS) + ".")
+    return float(saved.get("wall_time_s", 0.0))
 
 
 # ----------------------------------------------------------------- environment and episodes
@@ -382,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Resume: the state (buffer included) and the key from the latest checkpoint, if any.
     manager = checkpoint.make_manager(run_dir, max_to_keep=2)
+    wall_before = check_rerun(manager, args, run_dir)
     start = 0
     if checkpoint.latest_step(manager) is not None:
         try:
@@ -402,8 +455,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     carry = jax.device_put(carry, jax.local_devices()[0])
 
     report = _report.Report(run_dir, args.total_steps, start, bar=not args.no_progress)
-    steps, chunks = start, 0
-    while steps < args.total_steps:
+    steps, chunks, end = start, 0, stop_at(args)
+    while steps < end:
         tick = time.perf_counter()
         carry, metrics = train_chunk(carry)
         metrics, steps = jax.device_get((metrics, carry.env_steps))
@@ -411,10 +464,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         sps = args.chunk_steps / (time.perf_counter() - tick)  # training only
         k = jax.random.fold_in(k_eval, steps)
         greedy = jax.device_get(evaluate(carry.state.params, k))
-        report.chunk(steps, time.perf_counter() - t0, sps, metrics, greedy)
+        report.chunk(steps, wall_before + time.perf_counter() - t0, sps, metrics, greedy)
         chunks += 1
-        if chunks % args.checkpoint_every == 0 or steps >= args.total_steps:
-            checkpoint.save(manager, steps, carry.state, carry.key, force=True)  # async
+        if chunks % args.checkpoint_every == 0 or steps >= end:
+            checkpoint.save(manager, steps, carry.state, carry.key, force=True,  # async
+                            metadata=run_metadata(args, wall_before + time.perf_counter() - t0))
             report.log(f"checkpoint at step {steps}")
     manager.wait_until_finished()
 
@@ -422,8 +476,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report.finish(
         returns, f"DQN + PER (Linen) on {args.env}", env=args.env, env_steps=steps,
         updates=int(carry.state.step), buffer_running_index=running_index(carry.state),
-        wall_time_s=round(time.perf_counter() - t0, 1), resumed_from_step=start,
+        wall_time_s=round(wall_before + time.perf_counter() - t0, 1),
+        wall_time_this_invocation_s=round(time.perf_counter() - t0, 1), resumed_from_step=start,
     )
+
+
+def stop_at(args) -> int:
+    """Where this invocation stops: --total-steps, or --stop-at if that is earlier."""
+    return args.total_steps if args.stop_at is None else min(args.stop_at, args.total_steps)
+
+
+def run_metadata(args, wall_time_s: float) -> dict:
+    """What each checkpoint stores about the run: its flags and the wall time so far."""
+    return {"flags": run_flags(args), "wall_time_s": round(wall_time_s, 3)}
 
 
 if __name__ == "__main__":

@@ -144,6 +144,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # Resume: agent (buffer included), optimizer and key from the latest checkpoint, in place.
     manager = checkpoint.make_manager(run_dir, max_to_keep=2)
+    wall_before = dqn.check_rerun(manager, args, run_dir)
     start = 0
     if checkpoint.latest_step(manager) is not None:
         try:
@@ -166,8 +167,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         nnx.update(obj, jax.device_put(nnx.state(obj), device))
 
     report = _report.Report(run_dir, args.total_steps, start, bar=not args.no_progress)
-    steps, chunks = start, 0
-    while steps < args.total_steps:
+    steps, chunks, end = start, 0, dqn.stop_at(args)
+    while steps < end:
         tick = time.perf_counter()
         rng, k_chunk = jax.random.split(rng)
         keys = jax.random.split(k_chunk, args.chunk_steps // args.num_envs)
@@ -176,10 +177,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         steps = int(steps)
         sps = args.chunk_steps / (time.perf_counter() - tick)  # training only
         greedy = jax.device_get(evaluate(agent.online, jax.random.fold_in(k_eval, steps)))
-        report.chunk(steps, time.perf_counter() - t0, sps, metrics, greedy)
+        report.chunk(steps, wall_before + time.perf_counter() - t0, sps, metrics, greedy)
         chunks += 1
-        if chunks % args.checkpoint_every == 0 or steps >= args.total_steps:
-            checkpoint.save_nnx(manager, steps, agent, optimizer, rng, force=True)  # async
+        if chunks % args.checkpoint_every == 0 or steps >= end:
+            checkpoint.save_nnx(manager, steps, agent, optimizer, rng, force=True,  # async
+                                metadata=dqn.run_metadata(args, wall_before
+                                                          + time.perf_counter() - t0))
             report.log(f"checkpoint at step {steps}")
     manager.wait_until_finished()
 
@@ -187,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return report.finish(
         returns, f"DQN + PER (NNX) on {args.env}", env=args.env, env_steps=steps,
         updates=int(optimizer.step[...]), buffer_running_index=int(agent.replay.running_index[...]),
-        wall_time_s=round(time.perf_counter() - t0, 1), resumed_from_step=start,
+        wall_time_s=round(wall_before + time.perf_counter() - t0, 1),
+        wall_time_this_invocation_s=round(time.perf_counter() - t0, 1), resumed_from_step=start,
     )
 
 

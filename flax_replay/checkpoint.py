@@ -13,13 +13,17 @@
 
 One checkpoint step holds the items params, opt_state, replay, priorities, rng, step; a
 restore compares the checkpoint's metadata with the template and refuses another buffer
-capacity, leaf structure, shape or dtype with a ValueError naming it. NNX: `save_nnx` /
-`restore_nnx(manager, model, optimizer, rng)` (model and optimizer restored in place).
+capacity, leaf structure, shape, dtype or buffer configuration with a ValueError naming it,
+and verifies what it read (checksums recorded at save, the buffer's invariants): a damaged
+step is a CheckpointError naming the step, item and leaf. `save(..., metadata={...})` stores
+a run's own record (e.g. its flags) with the step; `run_metadata(manager)` reads it back.
+NNX: `save_nnx` / `restore_nnx(manager, model, optimizer, rng)` (restored in place).
 """
 
 from flax_replay._src.checkpoint import (
     ITEMS,
     CheckpointError,
+    UnverifiedCheckpointWarning,
     check_compatible,
     default_directory,
     latest_step,
@@ -27,11 +31,13 @@ from flax_replay._src.checkpoint import (
     restore,
     restore_nnx,
     restore_params,
+    run_metadata,
     save,
     save_nnx,
 )
 
 __all__ = [
     "ITEMS", "CheckpointError", "check_compatible", "default_directory", "latest_step",
-    "make_manager", "restore", "restore_nnx", "restore_params", "save", "save_nnx",
+    "make_manager", "restore", "restore_nnx", "restore_params", "run_metadata", "save",
+    "save_nnx", "UnverifiedCheckpointWarning",
 ]

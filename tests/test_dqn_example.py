@@ -103,12 +103,14 @@ def _resumed(out: str) -> tuple[int, int, int]:
 
 def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
     linen_dir, nnx_dir = tmp_path / "linen", tmp_path / "nnx"
-    # Runs far longer than the test waits: it is killed once a checkpoint is on disk.
-    first = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
-                    str(1000 * CHUNK))
+    # Runs far longer than the test waits: it is killed once a checkpoint is on disk. Every
+    # rerun keeps its flags (other flags are refused); --stop-at may change.
+    long = ["--total-steps", str(1000 * CHUNK)]
+    first = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), *long)
     nnx_steps = 3 * CHUNK
-    nnx_run = _launch("dqn_per_nnx.py", "--checkpoint-dir", str(nnx_dir), "--total-steps",
-                      str(nnx_steps), "--checkpoint-every", "2")
+    nnx_flags = ["--checkpoint-dir", str(nnx_dir), "--total-steps", str(nnx_steps + CHUNK)]
+    nnx_run = _launch("dqn_per_nnx.py", *nnx_flags, "--stop-at", str(nnx_steps),
+                      "--checkpoint-every", "2")
     try:
         deadline = time.monotonic() + 150
         while not _steps(linen_dir):
@@ -137,10 +139,13 @@ def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
     before = _history(linen_dir)  # may have rows past `saved`: chunks done after that save
     assert [r["step"] for r in before][: saved // CHUNK] == list(range(CHUNK, saved + 1, CHUNK))
     total = saved + 2 * CHUNK
-    rerun = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
+    from flax_replay import checkpoint  # the wall time the killed run had stored
+
+    wall_saved = checkpoint.run_metadata(checkpoint.make_manager(linen_dir))["wall_time_s"]
+    assert wall_saved > 0
+    rerun = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), *long, "--stop-at",
                     str(total))
-    nnx_rerun = _launch("dqn_per_nnx.py", "--checkpoint-dir", str(nnx_dir), "--total-steps",
-                        str(nnx_steps + CHUNK))
+    nnx_rerun = _launch("dqn_per_nnx.py", *nnx_flags)
     try:
         out, nnx_out = _finish(rerun, timeout=240), _finish(nnx_rerun, timeout=240)
     finally:
@@ -151,24 +156,28 @@ def test_linen_example_resumes_after_sigkill_and_nnx_example_runs(tmp_path):
     # A fresh buffer would say running index 0, a fresh optimizer 0 updates.
     assert _resumed(out) == (saved, saved // NUM_ENVS, _updates(saved))
     assert f"step {saved + CHUNK}:" in out and f"step {saved}:" not in out  # no rerun chunks
-    _outputs(linen_dir, total, resumed_from=saved)
+    summary = _outputs(linen_dir, total, resumed_from=saved)
     assert _history(linen_dir)[: saved // CHUNK] == before[: saved // CHUNK]
+    # Cumulative wall time: the killed run's (up to its checkpoint) + this invocation's.
+    assert summary["wall_time_s"] >= wall_saved + summary["wall_time_this_invocation_s"] - 0.2
     assert _resumed(nnx_out) == (nnx_steps, nnx_steps // NUM_ENVS, _updates(nnx_steps))
     _outputs(nnx_dir, nnx_steps + CHUNK, resumed_from=nnx_steps)
 
     # Run again at its end: resumes, trains nothing, evaluates and rewrites the same figures.
-    out = _finish(_launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
-                          str(total)), timeout=240)
+    out = _finish(_launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), *long,
+                          "--stop-at", str(total)), timeout=240)
     assert _resumed(out) == (total, total // NUM_ENVS, _updates(total))
     assert not re.search(r"^step \d+:", out, re.M), out
     _outputs(linen_dir, total, resumed_from=total)
 
-    # Another buffer capacity cannot resume this run: refused (before any training), with
-    # the way out named.
+    # Other schedules, batch size or buffer capacity cannot resume this run: refused (before
+    # any training), each flag named, with the way out.
     other = _launch("dqn_per.py", "--checkpoint-dir", str(linen_dir), "--total-steps",
-                    str(total + CHUNK), "--buffer-size", "4000")
+                    str(total + CHUNK), "--buffer-size", "4000", "--batch-size", "32")
     out, _ = other.communicate(timeout=120)
-    assert other.returncode != 0 and "buffer capacity differs" in out and "--fresh" in out, out
+    assert other.returncode != 0 and "--fresh" in out, out
+    for flag in ("--total-steps", "--buffer-size", "--batch-size"):
+        assert f"{flag}: " in out, (flag, out)
     assert _steps(linen_dir)[-1] == total
 
     # --fresh starts over in the same directory: the old checkpoints and history are gone.

@@ -19,11 +19,21 @@ the template leaf's concrete sharding, so a restored buffer lands sharded as the
 the template: another buffer capacity, a missing or extra leaf, another shape or dtype is a
 `ValueError` that names it. Orbax itself would refuse some of these with a less specific
 message; none is ever silently reshaped.
+
+What was read is then verified (`integrity.py`): the CRC-32 of every array, recorded in the
+step's metadata at save time (Orbax does not checksum array data), and the buffer's own
+invariants (tree sums and mins, positions in range). Damage is a `CheckpointError` naming the
+step, item and leaf; a step saved without checksums (older flax_replay) restores with a
+one-line warning.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,15 +43,23 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from flax_replay._src import buffer_config, integrity
+
 PyTree = Any
 
 ITEMS = ("params", "opt_state", "replay", "priorities", "rng", "step")
+METADATA_KEY = "flax_replay"  # our record in the step's custom metadata
 _EXPERIENCE = "experience"  # the storage field of every buffer state (see state.py)
 
 
 class CheckpointError(ValueError):
     """A checkpoint step exists but cannot be read (truncated, corrupted, or written by
     something else). The message names the step and the steps that remain."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A step saved without checksums (before flax_replay recorded them): restored, but its
+    array data could not be verified."""
 
 
 # ------------------------------------------------------------------------------ manager
@@ -179,13 +197,55 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
         raise
     except Exception as e:
         err = e
+    _release_failed_reads(err)
+    raise _damaged(manager, step, f"could not be read ({what}): it is truncated, corrupted or "
+                   f"not a flax_replay checkpoint",
+                   f"Cause: {type(err).__name__}: {str(err)[:500]}") from err
+
+
+def _is_orbax_read(unraisable: Any) -> bool:
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename
+
+
+def _release_failed_reads(err: BaseException) -> None:
+    """Finalises, silently, Orbax's read coroutines that a failed restore abandoned.
+
+    When one array of a damaged step cannot be read, Orbax's other reads are left suspended,
+    referenced from the traceback. Each one, when finally collected (at some later moment,
+    in another test or at exit), raises from its `except` clause and Python prints ~100
+    lines of "Exception ignored in <coroutine _read_array_index_and_device_put>" with
+    TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
+    cause chain are dropped (the exceptions and their messages are kept) and the coroutines
+    are collected now. One still held by Orbax's own thread may be collected later, so from
+    the first failed read on, `sys.unraisablehook` mutes exactly these (Orbax coroutines)
+    and passes everything else to the hook it wraps.
+    """
+    seen: set[int] = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    previous = sys.unraisablehook
+    if not getattr(previous, "_flax_replay_mutes_orbax_reads", False):
+
+        def hook(unraisable: Any) -> None:
+            if not _is_orbax_read(unraisable):
+                previous(unraisable)
+
+        hook._flax_replay_mutes_orbax_reads = True  # type: ignore[attr-defined]
+        sys.unraisablehook = hook
+    gc.collect()
+
+
+def _damaged(manager: ocp.CheckpointManager, step: int, what: str,
+             detail: str = "") -> CheckpointError:
     others = [s for s in manager.all_steps() if s != step]
-    raise CheckpointError(
-        f"checkpoint step {step} in {manager.directory} could not be read ({what}): it is "
-        f"truncated, corrupted or not a flax_replay checkpoint. Other steps available: "
-        f"{others or 'none'} (restore one with step=...). Cause: {type(err).__name__}: "
-        f"{str(err)[:500]}"
-    ) from err
+    return CheckpointError(
+        f"checkpoint step {step} in {manager.directory} {what}. Other steps available: "
+        f"{others or 'none'} (restore one with step=...).{' ' + detail if detail else ''}"
+    )
 
 
 def _step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -291,19 +351,90 @@ def _resolve_step(manager: ocp.CheckpointManager, step: Optional[int]) -> int:
     return int(step)
 
 
-def _save_items(manager, step, items: dict[str, PyTree], force: bool) -> bool:
+def _leaves(items: dict[str, PyTree]) -> integrity.Leaves:
+    return {item: {"/".join(path): x for path, x in _flat(tree).items()}
+            for item, tree in items.items() if _has_leaves(tree)}
+
+
+def _save_items(manager, step, items: dict[str, PyTree], force: bool,
+                buffers: dict[str, dict], metadata: Optional[dict]) -> bool:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items() if _has_leaves(v)}
-    return manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+    if not manager.should_save(int(step)) and not force:
+        return False  # not on the interval: no checksum pass either
+    # Checksums of what is saved, taken now: the arrays are immutable (a donated step while
+    # Orbax still writes gets a copy), and on CPU this reads them in place.
+    record = {"checksums": integrity.checksums(_leaves(items)), "buffers": buffers}
+    if metadata is not None:
+        record["metadata"] = json.loads(json.dumps(metadata))  # JSON now, not in the thread
+    return manager.save(int(step), args=ocp.args.Composite(**args), force=force,
+                        custom_metadata={METADATA_KEY: record})
 
 
-def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree]
-                   ) -> tuple[dict[str, PyTree], int]:
+STEP_METADATA_FILE = "_CHECKPOINT_METADATA"  # where Orbax writes a step's custom metadata
+
+
+def _record(manager: ocp.CheckpointManager, step: int) -> Optional[dict]:
+    """Our record in the step's metadata, or None (a step saved without it).
+
+    Read from the step's metadata file itself: `manager.metadata(step)` would also read
+    every item's metadata, and `restore_params` must not touch the buffer's files.
+    """
+
+    def read():
+        path = _step_directory(manager, step) / STEP_METADATA_FILE
+        if not path.exists():
+            return None
+        custom = json.loads(path.read_text()).get("custom_metadata") or {}
+        return custom.get(METADATA_KEY)
+
+    return _wrap_errors(manager, step, "step metadata", read)
+
+
+def run_metadata(manager: ocp.CheckpointManager, step: Optional[int] = None) -> Optional[dict]:
+    """The `metadata` given to `save` for checkpoint `step` (default: latest), or None (none
+    given, or a step saved by an older flax_replay). Reads one small file."""
+    step = _resolve_step(manager, step)
+    return (_record(manager, step) or {}).get("metadata")
+
+
+def _verify(manager, step: int, record: Optional[dict], restored: dict[str, PyTree],
+            buffers: dict[str, dict]) -> None:
+    """Raises a CheckpointError if what was read is not what was saved, or is no valid
+    buffer; warns once if the step has no checksums to compare with."""
+    if record is None or "checksums" not in record:
+        warnings.warn(f"checkpoint step {step} in {manager.directory} has no checksums (saved "
+                      "by an older flax_replay): its array data cannot be verified",
+                      UnverifiedCheckpointWarning, stacklevel=4)
+    else:
+        bad = integrity.mismatches(record["checksums"], _leaves(restored))
+        if bad:
+            shown = "; ".join(f"item '{i}' leaf '{leaf}': {what}" for i, leaf, what in bad[:8])
+            raise _damaged(manager, step, "is corrupted: the data read differ from the data "
+                           f"saved ({shown})")
+    problems = integrity.buffer_problems(restored.get("replay", {}),
+                                         restored.get("priorities", {}),
+                                         buffer_config.branchings(buffers))
+    if problems:
+        raise _damaged(manager, step, "holds an invalid buffer: " + "; ".join(problems[:8]))
+
+
+def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree],
+                   buffers: Optional[dict[str, dict]] = None) -> tuple[dict[str, PyTree], int]:
     step = _resolve_step(manager, step)
     check_compatible(manager, step, templates)
+    record = _record(manager, step)
+    saved_buffers = (record or {}).get("buffers") or {}
+    diff = buffer_config.differences(saved_buffers, buffers or {})
+    if diff:
+        raise ValueError(
+            f"checkpoint step {step} in {manager.directory} was saved by a buffer configured "
+            "otherwise (its stored state would be misread):\n  " + "\n  ".join(diff))
     args = {k: ocp.args.StandardRestore(_abstract(k, v))
             for k, v in templates.items() if _has_leaves(v)}
     restored = _wrap_errors(manager, step, "arrays",
                             lambda: manager.restore(step, args=ocp.args.Composite(**args)))
+    restored = {k: restored[k] for k in args}
+    _verify(manager, step, record, restored, {**saved_buffers, **(buffers or {})})
     # Empty items (no priorities for a uniform buffer) come back as the template.
     return {k: restored[k] if k in args else v for k, v in templates.items()}, step
 
@@ -316,7 +447,7 @@ def _restored_rng(template: Any, data: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------ Linen
 def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, *,
-         force: bool = False) -> bool:
+         force: bool = False, metadata: Optional[dict] = None) -> bool:
     """Saves `state` (a `flax_replay.TrainState`) and `rng` as checkpoint `step`.
 
     Returns whether a save started (False when `step` is not on `save_interval_steps`, unless
@@ -325,11 +456,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, rng: jax.Array, 
     references while it writes, and a donated step issued meanwhile makes XLA copy the buffer
     instead of updating it in place (correct, but a copy: for a large buffer, save every few
     hundred steps rather than every step).
+
+    Also recorded in the step's metadata: a checksum of every array, the configuration of
+    every buffer found in `state.apply_fn`'s module (see `buffer_config`), and `metadata`
+    (any JSON-serialisable dict, e.g. a run's flags; read back with `run_metadata`).
     """
     return _save_items(manager, step, {
         "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
         "priorities": state.priorities, "rng": _rng_item(rng), "step": _step_item(state.step),
-    }, force)
+    }, force, buffer_config.of_linen(state), metadata)
 
 
 def restore(manager: ocp.CheckpointManager, state: Any, rng: jax.Array,
@@ -338,15 +473,16 @@ def restore(manager: ocp.CheckpointManager, state: Any, rng: jax.Array,
     the template `state` and `rng` (arrays or ShapeDtypeStructs with concrete shardings).
 
     Returns `(state, rng, step)`; `rng` is a typed key if the template is. Raises
-    `FileNotFoundError` if there is no such step, `ValueError` naming the capacity, leaf, shape
-    or dtype that differs from the template, `CheckpointError` if the step is damaged.
+    `FileNotFoundError` if there is no such step, `ValueError` naming the capacity, leaf, shape,
+    dtype or buffer configuration (e.g. `priority_exponent`) that differs from the template,
+    `CheckpointError` if the step is damaged (checksum or buffer invariant).
     """
     templates = {
         "params": state.params, "opt_state": state.opt_state, "replay": state.replay,
         "priorities": state.priorities, "rng": _rng_template(rng),
         "step": _step_item(state.step),
     }
-    out, step = _restore_items(manager, step, templates)
+    out, step = _restore_items(manager, step, templates, buffer_config.of_linen(state))
     new_state = state.replace(params=out["params"], opt_state=out["opt_state"],
                               replay=out["replay"], priorities=out["priorities"],
                               step=out["step"]["step"])
@@ -393,13 +529,13 @@ def _nnx_assign(obj: Any, filt: Any, pure: dict) -> None:
 
 
 def save_nnx(manager: ocp.CheckpointManager, step: int, model: Any, optimizer: Any,
-             rng: jax.Array, *, force: bool = False) -> bool:
+             rng: jax.Array, *, force: bool = False, metadata: Optional[dict] = None) -> bool:
     """`save` for NNX: `nnx.Param`s of `model` -> params, the `nnx.OptState`s of `optimizer`
     -> opt_state (its `step` counter -> step), `Replay`/`Priorities` Variables -> replay and
     priorities. Same items, so `restore_params` works on either flavour's checkpoints."""
     items = _nnx_items(model, optimizer)
     items["rng"] = _rng_item(rng)
-    return _save_items(manager, step, items, force)
+    return _save_items(manager, step, items, force, buffer_config.of_nnx(model), metadata)
 
 
 def restore_nnx(manager: ocp.CheckpointManager, model: Any, optimizer: Any, rng: jax.Array,
@@ -412,7 +548,7 @@ def restore_nnx(manager: ocp.CheckpointManager, model: Any, optimizer: Any, rng:
 
     templates = _nnx_items(model, optimizer)
     templates["rng"] = _rng_template(rng)
-    out, step = _restore_items(manager, step, templates)
+    out, step = _restore_items(manager, step, templates, buffer_config.of_nnx(model))
     _nnx_assign(model, nnx.Param, out["params"])
     _nnx_assign(model, Replay, out["replay"])
     _nnx_assign(model, Priorities, out["priorities"])
