@@ -38,7 +38,9 @@ class PriorityState(struct.PyTreeNode):
 
 class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     """Prioritised buffer state: the uniform fields and `running_index` (int32 `[]`, steps written
-    per row, never wrapped) in "replay"; `priority_state` in "priorities"."""
+    per row W, kept below `counter_modulus + T` by subtracting multiples of `counter_modulus`
+    once the buffer is full, so that it never overflows) in "replay"; `priority_state` in
+    "priorities"."""
 
     running_index: Array
     priority_state: PriorityState
@@ -51,8 +53,9 @@ class PrioritisedSample(Sample):
     indices: int32 `[B]` sum-tree leaves, for `set_priorities`.
     priorities: float32 `[B]`, `priority ** priority_exponent` of each item.
     probabilities: float32 `[B]`, the probability with which each item was drawn.
-    versions: int32 `[B]`, the absolute start time of each item, so that `set_priorities` can
-      ignore updates for slots that were rewritten since this sample was drawn.
+    versions: int32 `[B]`, the start time of each item (the absolute start modulo the core's
+      `counter_modulus`), so that `set_priorities` can ignore updates for slots that were
+      rewritten since this sample was drawn.
     """
 
     indices: Array
@@ -103,11 +106,30 @@ def importance_weights(p: Array, p_min: Array, beta: float | Array,
     raise ValueError(f"normalise must be 'buffer' or 'batch', got {normalise!r}")
 
 
+# The step counter `running_index` is kept below `counter_modulus + T` (about 2**30): far from
+# int32's limit, whatever the lifetime of the buffer, without jax x64.
+COUNTER_SPAN = 2 ** 30
+
+
 @dataclasses.dataclass(frozen=True)
 class PrioritisedCore(TrajectoryCore):
-    """The storage core with a sum tree over its item slots (see the module docstring)."""
+    """The storage core with a sum tree over its item slots (see the module docstring).
+
+    `counter_span`: the step counter is reduced modulo `counter_modulus`, the largest multiple
+    of T not above it (at least T). Tests lower it to cross the reduction quickly.
+    """
 
     options: PriorityOptions = PriorityOptions()
+    counter_span: int = COUNTER_SPAN
+
+    @property
+    def counter_modulus(self) -> int:
+        """M, a multiple of T (hence of the period): `running_index` and `versions` are the
+        steps written and the items' start times modulo M, which keeps every slot, the valid
+        window and the stale-update guard exact. A stale `set_priorities` is therefore ignored
+        unless its slot was rewritten exactly a multiple of M / T times since the sample."""
+        t = self.max_length_time_axis
+        return t * max(1, self.counter_span // t)
 
     @property
     def priority_exponent(self) -> float:
@@ -140,8 +162,16 @@ class PrioritisedCore(TrajectoryCore):
             what: str = "add") -> PrioritisedTrajectoryBufferState:
         new = cast(PrioritisedTrajectoryBufferState, super().add(state, rows, what))
         a, written = self.steps_in(rows, what), state.running_index
-        return new.replace(running_index=written + a,
+        return new.replace(running_index=self.reduce_counter(written + a),
                            priority_state=self.after_add(state.priority_state, written, a))
+
+    def reduce_counter(self, written: Array) -> Array:
+        """`written` (< M + 2T) brought below M + T by subtracting a multiple of M; never below
+        T, so a full buffer still reads as full (M is a multiple of T, so slots, the valid
+        window relative to W and the period grid are unchanged)."""
+        t, m = self.max_length_time_axis, self.counter_modulus
+        reduced = (written - t) % m + t
+        return jnp.where(written >= m + t, reduced, written).astype(jnp.int32)
 
     def after_add(self, ps: PriorityState, written: Array, a: int) -> PriorityState:
         """Zero the items a write of `a` steps per row broke, give the items it completed the
@@ -250,7 +280,10 @@ class PrioritisedCore(TrajectoryCore):
         valid_item = (s_now >= lo) & (s_now < lo + n * self.period) & (s_now >= 0)
         keep = active & in_range & good_value & valid_item
         if versions is not None and self.options.ignore_stale_priorities:
-            keep = keep & (versions == s_now)
+            # Versions are start times modulo M (the counter may have been reduced since the
+            # sample); compared modulo M, without a subtraction that could overflow.
+            m = self.counter_modulus
+            keep = keep & (jnp.remainder(versions, m) == jnp.remainder(s_now, m))
         ps = state.priority_state
         leaf = jnp.where(keep, priorities, 0.0) ** self.priority_exponent
         sum_t, min_t = sum_tree.update_sum_min(
