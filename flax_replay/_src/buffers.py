@@ -78,6 +78,7 @@ class TransitionLayout:
             ("sequence_length",) if self.add_sequences else ()
         )
         checks.check_tree(batch, storage, 2, prefix, "add", names)
+        batch = checks.scalars_as_arrays(batch)  # one step of Python scalars, as init takes
         if not self.add_batches:
             batch = jax.tree.map(lambda x: x[None], batch)
         if not self.add_sequences:
@@ -106,6 +107,7 @@ class ItemLayout:
             ("sequence_length",) if self.add_sequences else ()
         )
         checks.check_tree(batch, storage, 2, prefix, "add", names)
+        batch = checks.scalars_as_arrays(batch)  # one item of Python scalars, as init takes
         k = len(prefix)
         return jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[k:]), batch)
 
