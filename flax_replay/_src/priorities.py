@@ -304,9 +304,10 @@ class PrioritisedCore(TrajectoryCore):
         given and `ignore_stale_priorities` is on, for slots rewritten since the sample.
         Out-of-range indices and negative / NaN / infinite priorities, and priorities whose
         `priority ** priority_exponent` exceeds `max_leaf` (the tree's total would overflow
-        float32), raise ValueError in an eager call; under `jit` they are `checkify` checks and the entries are ignored, so
-        the tree is never corrupted. Entries where `mask` `[B]` is False are skipped, neither
-        checked nor applied (a shard of a sharded buffer skips the other shards' items).
+        float32), raise ValueError in an eager call; under `jit` they are `checkify` checks
+        and the entries are ignored, so the tree is never corrupted. Entries where `mask`
+        `[B]` is False are skipped, neither checked nor applied (a shard of a sharded buffer
+        skips the other shards' items).
         """
         indices, priorities, versions = self._checked_update(indices, priorities, versions)
         priorities = clamp_subnormal(priorities)
