@@ -24,7 +24,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -34,10 +33,11 @@ from jax.experimental import checkify
 from test_property_uniform import FLAT_POOL, ITEM_POOL, N_STEP_POOL, TRAJECTORY_POOL
 
 import flax_replay as fbx
-import property_helpers as ph
-import reference
 from flax_replay._src.priorities import FLOAT32_TINY
 from flax_replay._src.state import from_collections
+
+import property_helpers as ph
+import reference
 
 PRIO = dict(priority_exponent=0.6)
 # Exponent 1: any priority above float32 max / (2 N) is refused, and a subnormal one becomes
