@@ -271,7 +271,7 @@ def reference_tree(leaves: np.ndarray, geo, reduce: Callable, identity: float) -
 
 def check_priorities(case: Case, state) -> None:
     m = case.model
-    assert int(state.running_index) == m.written
+    assert int(state.running_index) == m.counter, (int(state.running_index), m.counter)
     ps = jax.device_get(state.priority_state)
     geo = sum_tree.geometry(len(m.leaves), case.branching)
     np.testing.assert_allclose(sum_tree.leaves(ps.sum_tree, geo), m.leaves, rtol=1e-6, atol=0,
@@ -292,7 +292,8 @@ def check_prioritised_sample(case: Case, sample, weights, batch_weights) -> list
     items = check_sampled_items(case, sample.experience)
     leaves = [m.leaf(r, s) for r, s in items]
     np.testing.assert_array_equal(sample.indices, leaves, err_msg="indices")
-    np.testing.assert_array_equal(sample.versions, [s for _, s in items], err_msg="versions")
+    np.testing.assert_array_equal(sample.versions, [m.version(s) for _, s in items],
+                                  err_msg="versions")
     ref = m.leaves[leaves]
     assert (ref > 0).all(), f"sampled zero-priority leaves {np.array(leaves)[ref == 0]}"
     np.testing.assert_allclose(sample.priorities, ref, rtol=1e-6, err_msg="priorities")
@@ -456,7 +457,7 @@ def run_prioritised(case: Case, data) -> None:
             versions = []
             for i in indices:
                 item = m.item_at_leaf(i) if 0 <= i < n else None
-                current = item[1] if item else 0
+                current = m.version(item[1]) if item else 0
                 versions.append(data.draw(st.sampled_from(
                     [current, current, current - m.capacity, current + m.period]),
                     label="version"))

@@ -49,12 +49,14 @@ class TrajectoryModel:
 
     def __init__(self, rows: int, capacity: int, sequence_length: int, period: int,
                  min_length: int, priority_exponent: Optional[float] = None,
-                 ignore_stale_priorities: bool = True):
+                 ignore_stale_priorities: bool = True, counter_modulus: Optional[int] = None):
         assert capacity % period == 0, "the time axis must be a multiple of the period"
         self.rows, self.capacity = rows, capacity
         self.sequence_length, self.period, self.min_length = sequence_length, period, min_length
         self.alpha = priority_exponent
         self.ignore_stale = ignore_stale_priorities
+        # Prioritised buffers count W modulo M (a multiple of T): see `counter`, `version`.
+        self.counter_modulus = counter_modulus
         self.history: list[list[Any]] = [[] for _ in range(rows)]  # every step ever added
         if self.prioritised:
             self.leaves = np.zeros(rows * (capacity // period), np.float64)
@@ -68,6 +70,19 @@ class TrajectoryModel:
     @property
     def written(self) -> int:
         return len(self.history[0])
+
+    @property
+    def counter(self) -> int:
+        """The stored step counter: W while W < M + T, else the value in [T, M + T) congruent
+        to W modulo M (the specification of a counter that never overflows)."""
+        w, m, t = self.written, self.counter_modulus, self.capacity
+        if m is None or w < m + t:
+            return w
+        return (w - t) % m + t
+
+    def version(self, s: int) -> int:
+        """A sample's version of the item starting at absolute time s: s shifted like W."""
+        return s - (self.written - self.counter)
 
     @property
     def current_index(self) -> int:
@@ -151,12 +166,18 @@ class TrajectoryModel:
             item = self.item_at_leaf(i)
             if item is None:
                 continue  # no valid item there: stays 0
-            if v is not None and self.ignore_stale and int(v) != item[1]:
+            if v is not None and self.ignore_stale and not self._same_version(int(v), item[1]):
                 continue  # the slot was rewritten since the sample
             accepted.append((i, p))
         for i, p in accepted:  # in order, so the last duplicate wins
             self.leaves[i] = p ** self.alpha
         self.max_priority = max([self.max_priority] + [p for _, p in accepted])
+
+    def _same_version(self, v: int, s: int) -> bool:
+        """Versions name start times modulo M when the counter is reduced (exactly otherwise)."""
+        if self.counter_modulus is None:
+            return v == s
+        return (v - s) % self.counter_modulus == 0
 
     def probabilities(self) -> np.ndarray:
         return self.leaves / self.leaves.sum()

@@ -87,6 +87,7 @@ class TransitionLayout:
         if self.frames is not None:
             self.frames.check_add(batch, storage, len(prefix), "add")
         checks.check_tree(batch, storage, 2, prefix, "add", names)
+        batch = checks.scalars_as_arrays(batch)  # one step of Python scalars, as init takes
         if not self.add_batches:
             batch = jax.tree.map(lambda x: x[None], batch)
         if not self.add_sequences:
@@ -118,6 +119,7 @@ class ItemLayout:
             ("sequence_length",) if self.add_sequences else ()
         )
         checks.check_tree(batch, storage, 2, prefix, "add", names)
+        batch = checks.scalars_as_arrays(batch)  # one item of Python scalars, as init takes
         k = len(prefix)
         return jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[k:]), batch)
 

@@ -63,6 +63,15 @@ def check_tree(
             )
 
 
+def scalars_as_arrays(tree: Any) -> Any:
+    """Python scalar leaves (which `init` accepts as an example step) as arrays of JAX's default
+    dtype, as `init` stores them; other leaves unchanged."""
+    def one(x):
+        return jnp.asarray(x) if isinstance(x, (bool, int, float, complex)) else x
+
+    return jax.tree.map(one, tree)
+
+
 def check_leading_sizes(batch: Any, n_axes: int, what: str) -> tuple[int, ...]:
     """The common leading sizes of all leaves; a clear error names the leaf that disagrees."""
     paths, _ = jax.tree_util.tree_flatten_with_path(batch)

@@ -167,9 +167,10 @@ class TrajectoryCore:
         return (state.is_full | (state.current_index >= self.min_length_time_axis)) & (n > 0)
 
     def check_can_sample(self, state: TrajectoryBufferState) -> None:
-        """ValueError (eager) or a `checkify` check (jit) when `can_sample` is False."""
+        """ValueError (eager) or a `checkify` check (jit) when too few steps are written for an
+        item (the storage part of `can_sample`; a subclass checks its own conditions after)."""
         checks.value_check(
-            self.can_sample(state),
+            TrajectoryCore.can_sample(self, state),
             "sample: the buffer cannot be sampled yet ({steps} steps per row written; "
             "min_length_time_axis=" + str(self.min_length_time_axis) + ", sequence length "
             + str(self.sample_sequence_length) + "); check can_sample(state) first",
@@ -183,10 +184,17 @@ class TrajectoryCore:
         Sampling a buffer that cannot be sampled raises ValueError in an eager call; under
         `jit` it is a `checkify` check (see README, "Sampling too early").
         """
-        b = self.sample_batch_size if batch_size is None else batch_size
+        b = self.sample_size(batch_size)
         self.check_can_sample(state)
         row, start = self.uniform_items(state, rng_key, b)
         return Sample(experience=self.gather(state.experience, row, start))
+
+    def sample_size(self, batch_size: Optional[int]) -> int:
+        """`batch_size` (default `sample_batch_size`) as a static int >= 0, or a ValueError
+        naming `batch_size`."""
+        if batch_size is None:
+            return self.sample_batch_size
+        return checks.non_negative_int("batch_size", batch_size)
 
     def uniform_items(self, state: TrajectoryBufferState, rng_key: Array,
                       b: int) -> tuple[Array, Array]:

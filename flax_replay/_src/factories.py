@@ -75,6 +75,11 @@ def _trajectory_fields(
     checks.positive_int("period", period)
     checks.non_negative_int("min_length_time_axis", min_length_time_axis)
     max_length_time_axis = _time_axis(max_size, max_length_time_axis, add_batch_size)
+    if period > max_length_time_axis:
+        raise ValueError(
+            f"`period` ({period}) exceeds `max_length_time_axis` ({max_length_time_axis}): "
+            "items start every `period` steps, so the time axis must hold at least one period."
+        )
     if sample_sequence_length > min_length_time_axis:
         warnings.warn(
             f"sample_sequence_length ({sample_sequence_length}) is greater than "

@@ -14,6 +14,7 @@ from typing import Optional, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from flax_replay._src import checks, sum_tree
@@ -38,7 +39,9 @@ class PriorityState(struct.PyTreeNode):
 
 class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     """Prioritised buffer state: the uniform fields and `running_index` (int32 `[]`, steps written
-    per row, never wrapped) in "replay"; `priority_state` in "priorities"."""
+    per row W, kept below `counter_modulus + T` by subtracting multiples of `counter_modulus`
+    once the buffer is full, so that it never overflows) in "replay"; `priority_state` in
+    "priorities"."""
 
     running_index: Array
     priority_state: PriorityState
@@ -51,8 +54,9 @@ class PrioritisedSample(Sample):
     indices: int32 `[B]` sum-tree leaves, for `set_priorities`.
     priorities: float32 `[B]`, `priority ** priority_exponent` of each item.
     probabilities: float32 `[B]`, the probability with which each item was drawn.
-    versions: int32 `[B]`, the absolute start time of each item, so that `set_priorities` can
-      ignore updates for slots that were rewritten since this sample was drawn.
+    versions: int32 `[B]`, the start time of each item (the absolute start modulo the core's
+      `counter_modulus`), so that `set_priorities` can ignore updates for slots that were
+      rewritten since this sample was drawn.
     """
 
     indices: Array
@@ -103,15 +107,67 @@ def importance_weights(p: Array, p_min: Array, beta: float | Array,
     raise ValueError(f"normalise must be 'buffer' or 'batch', got {normalise!r}")
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The smallest normal float32. XLA on CPU flushes subnormal floats to zero (a priority of
+# 1e-45 compares equal to 0 there), so positive subnormal priorities are raised to this.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def clamp_subnormal(priorities: Array) -> Array:
+    """float32 `[B]` with every positive subnormal raised to the smallest normal float32.
+
+    Found from the bit pattern (exponent bits 0, mantissa not 0), which flushing cannot hide.
+    """
+    bits = jax.lax.bitcast_convert_type(priorities, jnp.int32)
+    subnormal = (bits > 0) & (bits < 0x00800000)
+    return jnp.where(subnormal, jnp.float32(FLOAT32_TINY), priorities)
+
+
+# The step counter `running_index` is kept below `counter_modulus + T` (about 2**30): far from
+# int32's limit, whatever the lifetime of the buffer, without jax x64.
+COUNTER_SPAN = 2 ** 30
+
+
 @dataclasses.dataclass(frozen=True)
 class PrioritisedCore(TrajectoryCore):
-    """The storage core with a sum tree over its item slots (see the module docstring)."""
+    """The storage core with a sum tree over its item slots (see the module docstring).
+
+    `counter_span`: the step counter is reduced modulo `counter_modulus`, the largest multiple
+    of T not above it (at least T). Tests lower it to cross the reduction quickly.
+    """
 
     options: PriorityOptions = PriorityOptions()
+    counter_span: int = COUNTER_SPAN
+
+    @property
+    def counter_modulus(self) -> int:
+        """M, a multiple of T (hence of the period): `running_index` and `versions` are the
+        steps written and the items' start times modulo M, which keeps every slot, the valid
+        window and the stale-update guard exact. A stale `set_priorities` is therefore ignored
+        unless its slot was rewritten exactly a multiple of M / T times since the sample."""
+        t = self.max_length_time_axis
+        return t * max(1, self.counter_span // t)
 
     @property
     def priority_exponent(self) -> float:
         return self.options.priority_exponent
+
+    @property
+    def max_leaf(self) -> float:
+        """The largest leaf value, `priority ** priority_exponent`, that `set_priorities`
+        accepts: the float32 maximum over twice the number of leaves, so that the root (a
+        float32 sum of every leaf, rounded at each level) stays finite."""
+        return FLOAT32_MAX / (2 * self.num_items)
+
+    @property
+    def largest_priority(self) -> float:
+        """The largest raw priority `set_priorities` accepts, `max_leaf ** (1 / exponent)`
+        (about 1.7e38 / num_items for exponent 1; any finite priority for exponent 0, and for
+        small exponents, whose leaves cannot get that large). Larger ones are refused like NaN."""
+        alpha = self.priority_exponent
+        if alpha == 0 or np.log(self.max_leaf) / alpha >= np.log(FLOAT32_MAX):
+            return FLOAT32_MAX
+        return float(self.max_leaf ** (1 / alpha))
 
     @property
     def tree_geometry(self) -> sum_tree.Geometry:
@@ -140,8 +196,16 @@ class PrioritisedCore(TrajectoryCore):
             what: str = "add") -> PrioritisedTrajectoryBufferState:
         new = cast(PrioritisedTrajectoryBufferState, super().add(state, rows, what))
         a, written = self.steps_in(rows, what), state.running_index
-        return new.replace(running_index=written + a,
+        return new.replace(running_index=self.reduce_counter(written + a),
                            priority_state=self.after_add(state.priority_state, written, a))
+
+    def reduce_counter(self, written: Array) -> Array:
+        """`written` (< M + 2T) brought below M + T by subtracting a multiple of M; never below
+        T, so a full buffer still reads as full (M is a multiple of T, so slots, the valid
+        window relative to W and the period grid are unchanged)."""
+        t, m = self.max_length_time_axis, self.counter_modulus
+        reduced = (written - t) % m + t
+        return jnp.where(written >= m + t, reduced, written).astype(jnp.int32)
 
     def after_add(self, ps: PriorityState, written: Array, a: int) -> PriorityState:
         """Zero the items a write of `a` steps per row broke, give the items it completed the
@@ -181,11 +245,21 @@ class PrioritisedCore(TrajectoryCore):
         """bool `[]`: the uniform condition and a positive total priority."""
         return super().can_sample(state) & (sum_tree.root(state.priority_state.sum_tree) > 0)
 
+    def check_can_sample(self, state: PrioritisedTrajectoryBufferState) -> None:  # type: ignore[override]
+        """The storage condition (see the core), then a positive total priority."""
+        super().check_can_sample(state)
+        checks.value_check(
+            sum_tree.root(state.priority_state.sum_tree) > 0,
+            "sample: no item has a positive priority (set_priorities gave every valid item "
+            "priority 0, so the total is 0); set a positive priority first. can_sample(state) "
+            "is False until then",
+        )
+
     def sample(self, state: PrioritisedTrajectoryBufferState,  # type: ignore[override]
                rng_key: Array, batch_size: Optional[int] = None) -> PrioritisedSample:
         """Draws `batch_size` items with probability `leaf / total`; experience as the uniform
         core's, plus `indices`, `priorities`, `probabilities`, `versions` `[B]`."""
-        b = self.sample_batch_size if batch_size is None else batch_size
+        b = self.sample_size(batch_size)
         self.check_can_sample(state)
         ps = state.priority_state
         total = sum_tree.root(ps.sum_tree)
@@ -212,7 +286,8 @@ class PrioritisedCore(TrajectoryCore):
             experience=self.gather(state.experience, row, slot * self.period),
             indices=leaf.astype(jnp.int32),
             priorities=priorities,
-            probabilities=priorities / total,
+            # Never NaN: a total of 0 (refused eagerly, a checkify check under jit) gives 0.
+            probabilities=jnp.where(total > 0, priorities / jnp.where(total > 0, total, 1), 0.0),
             versions=self.slot_start(slot, self.written(state)).astype(jnp.int32),
         )
 
@@ -220,27 +295,43 @@ class PrioritisedCore(TrajectoryCore):
     def set_priorities(self, state: PrioritisedTrajectoryBufferState, indices: Array,
                        priorities: Array, versions: Optional[Array] = None,
                        mask: Optional[Array] = None) -> PrioritisedTrajectoryBufferState:
-        """Sets raw priorities `[B]` (>= 0, finite) of the items at leaf `indices` `[B]`.
+        """Sets raw priorities `[B]` (>= 0, at most `largest_priority`) of the items at leaf
+        `indices` `[B]`. A positive subnormal priority (below 1.2e-38) is raised to the
+        smallest normal float32, so that its item stays reachable.
 
         The last occurrence of a duplicated index wins. Updates are ignored (never applied)
         for items that are not currently valid (their leaf stays 0), and, when `versions` is
         given and `ignore_stale_priorities` is on, for slots rewritten since the sample.
-        Out-of-range indices and negative / NaN / infinite priorities raise ValueError in an
-        eager call; under `jit` they are `checkify` checks and the entries are ignored, so
-        the tree is never corrupted. Entries where `mask` `[B]` is False are skipped, neither
-        checked nor applied (a shard of a sharded buffer skips the other shards' items).
+        Out-of-range indices and negative / NaN / infinite priorities, and priorities whose
+        `priority ** priority_exponent` exceeds `max_leaf` (the tree's total would overflow
+        float32), raise ValueError in an eager call; under `jit` they are `checkify` checks
+        and the entries are ignored, so the tree is never corrupted. Entries where `mask`
+        `[B]` is False are skipped, neither checked nor applied (a shard of a sharded buffer
+        skips the other shards' items).
         """
         indices, priorities, versions = self._checked_update(indices, priorities, versions)
+        priorities = clamp_subnormal(priorities)
         active = jnp.ones(indices.shape, bool) if mask is None else jnp.asarray(mask, bool)
         in_range = (indices >= 0) & (indices < self.num_items)
-        good_value = jnp.isfinite(priorities) & (priorities >= 0)
+        finite = jnp.isfinite(priorities) & (priorities >= 0)
+        # NaN compares False: not small enough either, but reported by the check above.
+        small_enough = priorities ** self.priority_exponent <= jnp.float32(self.max_leaf)
+        good_value = finite & small_enough
         checks.value_check(
             in_range | ~active, "set_priorities: indices must lie in [0, " + str(self.num_items)
             + "), got {indices}", indices=indices,
         )
         checks.value_check(
-            good_value | ~active,
+            finite | ~active,
             "set_priorities: priorities must be finite and >= 0, got {priorities}",
+            priorities=priorities,
+        )
+        checks.value_check(
+            small_enough | ~finite | ~active,
+            "set_priorities: priorities must be at most " + f"{self.largest_priority:.6g}"
+            + " (with priority_exponent=" + str(self.priority_exponent) + ", the sum of "
+            "priority ** priority_exponent over the " + str(self.num_items) + " items must stay "
+            "finite in float32), got {priorities}",
             priorities=priorities,
         )
         written = state.running_index
@@ -250,7 +341,10 @@ class PrioritisedCore(TrajectoryCore):
         valid_item = (s_now >= lo) & (s_now < lo + n * self.period) & (s_now >= 0)
         keep = active & in_range & good_value & valid_item
         if versions is not None and self.options.ignore_stale_priorities:
-            keep = keep & (versions == s_now)
+            # Versions are start times modulo M (the counter may have been reduced since the
+            # sample); compared modulo M, without a subtraction that could overflow.
+            m = self.counter_modulus
+            keep = keep & (jnp.remainder(versions, m) == jnp.remainder(s_now, m))
         ps = state.priority_state
         leaf = jnp.where(keep, priorities, 0.0) ** self.priority_exponent
         sum_t, min_t = sum_tree.update_sum_min(
