@@ -12,7 +12,7 @@ Sharded and multi-host buffers: `flax_replay.shard(buffer, mesh, axis="data")` (
 Offline datasets in Flashbax's Vault format: `flax_replay.vault.Vault`.
 """
 
-from flax_replay import linen, nnx, sharding, vault
+from flax_replay import buffers, linen, nnx, sharding, utils, vault
 from flax_replay._src.buffers import (
     Buffer,
     ExperiencePair,
@@ -45,6 +45,18 @@ from flax_replay._src.sharding import ShardedBuffer, shard
 from flax_replay._src.state import from_collections, to_collections
 from flax_replay._src.train_state import TrainState
 
+# Flashbax's module attributes (`fbx.trajectory_buffer.TrajectoryBufferState`, ...).
+from flax_replay.buffers import (
+    flat_buffer,
+    item_buffer,
+    mixer,
+    prioritised_flat_buffer,
+    prioritised_item_buffer,
+    prioritised_trajectory_buffer,
+    trajectory_buffer,
+    trajectory_queue,
+)
+
 # Flashbax's names for the sample and state types.
 TrajectoryBufferSample = Sample
 TransitionSample = Sample
@@ -66,4 +78,7 @@ __all__ = [
     "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
     "make_mixer", "TrainState", "to_collections", "from_collections", "linen", "nnx",
     "ShardedBuffer", "shard", "sharding", "vault",
+    "buffers", "utils", "flat_buffer", "item_buffer", "mixer", "prioritised_flat_buffer",
+    "prioritised_item_buffer", "prioritised_trajectory_buffer", "trajectory_buffer",
+    "trajectory_queue",
 ]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax_replay._src import checks
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
 from flax_replay._src.frames import FrameStack
+from flax_replay._src.functions import FunctionFields
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -185,11 +186,13 @@ class NStepReturns:
 
 # ------------------------------------------------------------------------------------ buffers
 @dataclasses.dataclass(frozen=True)
-class Buffer:
-    """A uniform buffer: `init`, `add`, `sample`, `can_sample`, pure functions of the state."""
+class Buffer(FunctionFields):
+    """A uniform buffer: `init`, `add`, `sample`, `can_sample`, pure functions of the state
+    (Flashbax's function fields: `buffer.replace(add=jax.jit(buffer.add, ...))` works)."""
 
     core: TrajectoryCore
     layout: Layout
+    function_fields: ClassVar[tuple[str, ...]] = ("init", "add", "sample", "can_sample")
     # The trajectory queue's `sample` consumes (returns a new state); a buffer's never does.
     consumes_samples: ClassVar[bool] = False
 
@@ -220,6 +223,8 @@ class PrioritisedBuffer(Buffer):
     """A prioritised buffer: a `Buffer` with `set_priorities` and `importance_weights`."""
 
     core: PrioritisedCore
+    function_fields: ClassVar[tuple[str, ...]] = (
+        "init", "add", "sample", "can_sample", "set_priorities", "importance_weights")
 
     def set_priorities(self, state: PrioritisedTrajectoryBufferState,
                        indices: Array | PrioritisedSample, priorities: Array,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
 
 from flax_replay._src import checks
+from flax_replay._src.functions import FunctionFields
 
 
 def _shares(batch: int, proportions: Sequence[float]) -> tuple[int, ...]:
@@ -31,13 +32,14 @@ def _shares(batch: int, proportions: Sequence[float]) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mixer:
+class Mixer(FunctionFields):
     """`sample(states, key)` concatenates each buffer's share along the batch axis;
     `split(sample)` gives the parts back (e.g. to set each buffer's priorities)."""
 
     buffers: tuple
     sample_batch_size: int
     proportions: tuple
+    function_fields: ClassVar[tuple[str, ...]] = ("sample", "can_sample", "split")
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

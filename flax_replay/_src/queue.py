@@ -16,6 +16,7 @@ from flax import struct
 
 from flax_replay._src import checks, memory
 from flax_replay._src.core import Sample, empty_storage
+from flax_replay._src.functions import FunctionFields
 from flax_replay._src.typing import Array, PyTree
 
 
@@ -34,7 +35,7 @@ class TrajectoryQueueState(struct.PyTreeNode):
 
 
 @dataclasses.dataclass(frozen=True)
-class TrajectoryQueue:
+class TrajectoryQueue(FunctionFields):
     """`init`, `add`, `sample` (returns `(state, sample)`), `can_add`, `can_sample`."""
 
     max_length_time_axis: int
@@ -44,6 +45,8 @@ class TrajectoryQueue:
     memory_kind: Optional[str] = None  # of the experience leaves (`memory.py`)
     # `sample` reads and removes: it returns `(state, sample)` and takes no key.
     consumes_samples: ClassVar[bool] = True
+    function_fields: ClassVar[tuple[str, ...]] = ("init", "add", "sample", "can_add",
+                                                  "can_sample")
 
     def init(self, experience: PyTree) -> TrajectoryQueueState:
         r, t = self.add_batch_size, self.max_length_time_axis

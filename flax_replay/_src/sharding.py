@@ -60,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 from flax_replay._src import checks, layout, sum_tree
 from flax_replay._src.buffers import Buffer
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.functions import require_unreplaced
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -125,6 +126,7 @@ class ShardedBuffer:
                 f"buffer: only the buffers of the make_* factories can be sharded, got "
                 f"{type(self.buffer).__name__}"
             )
+        require_unreplaced(self.buffer, "shard")
         if self.sampling not in ("local", "global"):
             raise ValueError(f"sampling must be 'local' or 'global', got {self.sampling!r}")
         if self.buffer.core.memory_kind is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -153,21 +153,24 @@ def _offset(geo: Geometry, d: jax.Array) -> jax.Array:
     return jnp.asarray(geo.offsets, jnp.int32)[d]
 
 
-def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
+def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=None, n=1):
     """Recomputes, from their children, the ancestors of leaves `node` `[B]` where `keep`.
 
     `leaf_rows`, if given, are the (already final) children rows of the leaves' parents, one
-    per tree, so the leaf level need not be read again.
+    per tree, so the leaf level need not be read again. `base` `[B]`, if given, is the
+    position of each entry's tree in flat arrays holding `n` trees one after the other (a
+    vmapped update, see `update_sum_min`).
     """
     k = geo.branching
     depth = geo.depth
     dense = max([d for d in range(1, depth + 1)
-                 if geo.sizes[d] <= DENSE_FACTOR * node.shape[0] * k], default=0)
-    dropped = geo.num_nodes  # scatters to this position are dropped
+                 if geo.sizes[d] <= DENSE_FACTOR * (node.shape[0] // n) * k], default=0)
+    dropped = trees[0].shape[0]  # scatters to this position are dropped
     node = jnp.where(keep, node, 0)
+    at = 0 if base is None else base
 
     def write(trees, d, parent, rows):
-        dst = jnp.where(keep, geo.offsets[d - 1] + parent, dropped)
+        dst = jnp.where(keep, at + geo.offsets[d - 1] + parent, dropped)
         return tuple(t.at[dst].set(_reduce(r, red), mode="drop")
                      for t, r, red in zip(trees, rows, reducers))
 
@@ -180,8 +183,11 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
     def level(d, carry):
         trees, node = carry
         parent = node // k
-        rows = [_rows(t[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], parent * k, k)
-                for t in trees]
+        if base is None:
+            rows = [_rows(t[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], parent * k, k)
+                    for t in trees]
+        else:
+            rows = [_rows(t, base + geo.offsets[d] + parent * k, k) for t in trees]
         return write(trees, d, parent, rows), parent
 
     carry = (tuple(trees), node)
@@ -189,11 +195,15 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None):
         carry = level(d, carry)
     trees = carry[0]
     if dense:
-        trees = tuple(_dense_top(t, geo, dense, r) for t, r in zip(trees, reducers))
+        def top(t, r):
+            if n == 1:
+                return _dense_top(t, geo, dense, r)
+            return jax.vmap(lambda x: _dense_top(x, geo, dense, r))(t.reshape(n, -1)).reshape(-1)
+        trees = tuple(top(t, r) for t, r in zip(trees, reducers))
     return trees
 
 
-def _update_small(trees, geo, index, values, mask, reducers):
+def _update_small(trees, geo, index, values, mask, reducers, base=None):
     """`update` for a static batch of at most SMALL_BATCH entries, with one dynamic slice and
     one in-place write per entry and level, instead of gathers and scatters.
 
@@ -204,9 +214,10 @@ def _update_small(trees, geo, index, values, mask, reducers):
     k = geo.branching
     ok = mask & (index >= 0) & (index < geo.num_leaves)
     node = jnp.clip(index, 0, geo.num_leaves - 1)
-    leaf = geo.offsets[-1] + node
+    at = 0 if base is None else base  # the entry's tree in stacked trees (see `update_sum_min`)
+    leaf = at + geo.offsets[-1] + node
     b = jnp.arange(index.shape[0])
-    same = ok[None, :] & (node[None, :] == node[:, None])  # [i, j]: j writes i's leaf
+    same = ok[None, :] & (leaf[None, :] == leaf[:, None])  # [i, j]: j writes i's leaf
     last = jnp.max(jnp.where(same, b[None, :], -1), axis=1)
 
     def write(t, dst, new):
@@ -226,7 +237,7 @@ def _update_small(trees, geo, index, values, mask, reducers):
     def level(d, carry):
         trees, node = carry
         parent = node // k
-        start, dst = _offset(geo, d) + parent * k, _offset(geo, d - 1) + parent
+        start, dst = at + _offset(geo, d) + parent * k, at + _offset(geo, d - 1) + parent
         # Families without a new leaf are recomputed to the value they hold.
         return tuple(write(t, dst, _reduce(read(t, start, k), red))
                      for t, red in zip(trees, reducers)), parent
@@ -287,15 +298,53 @@ def update_sum_min(
     """
     index = index.astype(jnp.int32)
     values = values.astype(jnp.float32)
-    b = index.shape[0]
-    if b == 0:
+    if index.shape[0] == 0:
         return sums, mins
-    if b <= SMALL_BATCH:
+    return _vmappable_update_sum_min(geo)(sums, mins, index, values,
+                                          jnp.asarray(mask, bool))
+
+
+@functools.cache
+def _vmappable_update_sum_min(geo: Geometry):
+    """`update_sum_min` for one geometry, with its own vmap rule.
+
+    JAX's generic batching of the update turns every dynamic slice and in-place write into
+    a batched gather or scatter, which XLA:CPU runs several times slower than the unbatched
+    ops (measured: benchmarks/vmap.py). The rule instead lays the `n` vmapped trees end to
+    end in one flat array and runs the unbatched algorithm once over all `n * B` entries,
+    each offset by its tree's position (`base`): the same reads and writes per entry, still
+    in place, and no loop over the trees.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def update(sums, mins, index, values, mask):
+        return _update_sum_min_flat(sums, mins, index, values, mask, geo, None, 1)
+
+    @update.def_vmap
+    def rule(axis_size, in_batched, *args):
+        n = axis_size
+        sums, mins, index, values, mask = (
+            x if batched else jnp.broadcast_to(x, (n, *x.shape))
+            for x, batched in zip(args, in_batched))
+        base = jnp.repeat(jnp.arange(n, dtype=jnp.int32) * geo.num_nodes, index.shape[1])
+        out = _update_sum_min_flat(sums.reshape(-1), mins.reshape(-1), index.reshape(-1),
+                                   values.reshape(-1), mask.reshape(-1), geo, base, n)
+        return tuple(t.reshape(n, -1) for t in out), (True, True)
+
+    return update
+
+
+def _update_sum_min_flat(sums, mins, index, values, mask, geo: Geometry,
+                         base: Optional[jax.Array], n: int):
+    """`update_sum_min` of `n` trees laid end to end in `sums` / `mins` `[n * num_nodes]`;
+    entry i goes to the tree at `base[i]` (`base=None`: one tree)."""
+    if index.shape[0] <= SMALL_BATCH:
         return _update_small((sums, mins), geo, index,
                              (values, jnp.where(values > 0, values, jnp.inf)), mask,
-                             ("sum", "min"))
-    batched = functools.partial(_update_sum_min_batched, geo=geo)
-    if b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
+                             ("sum", "min"), base)
+    batched = functools.partial(_update_sum_min_batched, geo=geo, base=base, n=n)
+    b = index.shape[0]
+    if base is not None or b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
         return batched(sums, mins, index, values, mask)
     # The two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over
     # the batch is used only on CPU, where it is measured faster (benchmarks/README.md).
@@ -305,11 +354,11 @@ def update_sum_min(
 
 
 def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
-    """`update_sum_min` as a loop over the entries, in batch order, each written as a batch of
-    one (`_update_small`). For XLA:CPU this is one small function of dynamic slices (no
-    gathers, scatters or thread hand-offs), faster than the batched path up to thousands of
-    entries. The stored bits equal the batched path's: the last entry writing a leaf wins,
-    and every ancestor is last recomputed after all writes below it, by the same `_reduce`.
+    """`update_sum_min` of one tree as a loop over the entries, in batch order, each written as
+    a batch of one (`_update_small`). For XLA:CPU this is one small function of dynamic slices
+    (no gathers, scatters or thread hand-offs). The stored bits equal the batched path's: the
+    last entry writing a leaf wins, and every ancestor is last recomputed after all writes
+    below it, by the same `_reduce`.
     """
     def entry(i, trees):
         one = lambda a: jax.lax.dynamic_slice(a, (i,), (1,))
@@ -320,25 +369,26 @@ def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
     return jax.lax.fori_loop(0, index.shape[0], entry, (sums, mins))
 
 
-def _update_sum_min_batched(sums, mins, index, values, mask, *, geo):
+def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, n=1):
     b, k = index.shape[0], geo.branching
+    at = 0 if base is None else base
     ok = mask & (index >= 0) & (index < geo.num_leaves)
-    leaf = jnp.where(ok, geo.offsets[-1] + index, geo.num_nodes)
+    leaf = jnp.where(ok, at + geo.offsets[-1] + index, sums.shape[0])
     mark = -1.0 - jnp.arange(b, dtype=jnp.float32)  # below every leaf value
     sums = sums.at[leaf].min(mark, mode="drop")
     parent = jnp.where(ok, index // k, 0)
-    rows = _rows(sums, geo.offsets[-1] + parent * k, k)
+    rows = _rows(sums, at + geo.offsets[-1] + parent * k, k)
     column = index - parent * k
     j = jnp.arange(k)
     keep = ok & (jnp.sum(jnp.where(j == column[:, None], rows, 0.0), axis=1) == mark)
     winner = jnp.clip((-1.0 - rows).astype(jnp.int32), 0, b - 1)
     rows = jnp.where(rows < 0, values[winner], rows)
     min_rows = jnp.where(rows > 0, rows, jnp.inf)
-    leaf = jnp.where(keep, leaf, geo.num_nodes)
+    leaf = jnp.where(keep, leaf, sums.shape[0])
     sums = sums.at[leaf].set(values, mode="drop")
     mins = mins.at[leaf].set(jnp.where(values > 0, values, jnp.inf), mode="drop")
     return _recompute_parents((sums, mins), geo, index, keep, ("sum", "min"),
-                              (rows, min_rows))
+                              (rows, min_rows), base, n)
 
 
 def sample_with_values(tree: jax.Array, geo: Geometry,
@@ -389,4 +439,4 @@ def sample(tree: jax.Array, geo: Geometry, targets: jax.Array) -> jax.Array:
 
 def root(tree: jax.Array) -> jax.Array:
     """The root: the total of a sum tree, the smallest leaf of a min tree."""
-    return tree[0]
+    return tree[..., 0]  # [..., 0]: each root of a stack of trees (vmapped or pmapped states)

@@ -1,0 +1,100 @@
+"""Every public name of Flashbax 0.1.3's modules exists at the same path under flax_replay
+(`flashbax.buffers.trajectory_buffer.BufferState` ->
+`flax_replay.buffers.trajectory_buffer.BufferState`), except the ones listed in `ABSENT` with
+the reason. The list of Flashbax's names is read from the installed package, not written
+here, so a name Flashbax has and we lack fails this test."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import types
+
+import pytest
+
+flashbax = pytest.importorskip("flashbax")
+
+MODULES = ("", ".utils", ".buffers", ".buffers.flat_buffer", ".buffers.trajectory_buffer",
+           ".buffers.item_buffer", ".buffers.trajectory_queue",
+           ".buffers.prioritised_flat_buffer", ".buffers.prioritised_trajectory_buffer",
+           ".buffers.prioritised_item_buffer", ".buffers.mixer", ".buffers.sum_tree")
+
+_VALIDATION = ("argument checks of Flashbax's factories; ours check the same arguments inside "
+               "the make_* factories and raise ValueError naming them")
+_TREE = ("Flashbax's binary delta sum tree's node-level functions; our tree is exact, 4-ary "
+         "and has another layout (flax_replay._src.sum_tree), used through set_priorities "
+         "and sample")
+_PRIORITISED_FN = ("module-level pieces of Flashbax's prioritised buffer, tied to its tree "
+                   "layout; use the buffer's methods (make_prioritised_*(...).add/sample/"
+                   "set_priorities). Not done yet (issue 13)")
+ABSENT = {
+    "flashbax": {"vault": "issue 16 builds flax_replay.vault"},
+    "flashbax.buffers.flat_buffer": {
+        "create_flat_buffer": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
+        "validate_max_length_add_batch_size": _VALIDATION, "validate_min_length": _VALIDATION,
+        "validate_sample_batch_size": _VALIDATION},
+    "flashbax.buffers.item_buffer": {
+        "create_item_buffer": _VALIDATION, "validate_item_buffer_args": _VALIDATION,
+        "validate_min_length": _VALIDATION, "validate_sample_batch_size": _VALIDATION},
+    "flashbax.buffers.trajectory_buffer": {
+        "validate_size": _VALIDATION, "validate_trajectory_buffer_args": _VALIDATION},
+    "flashbax.buffers.trajectory_queue": {"validate_trajectory_queue_args": _VALIDATION},
+    "flashbax.buffers.prioritised_flat_buffer": {
+        "validate_device": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
+        "validate_priority_exponent": _VALIDATION},
+    "flashbax.buffers.prioritised_item_buffer": {
+        "create_prioritised_item_buffer": _VALIDATION, "validate_device": _VALIDATION,
+        "validate_item_buffer_args": _VALIDATION, "validate_priority_exponent": _VALIDATION},
+    "flashbax.buffers.prioritised_trajectory_buffer": {
+        "validate_device": _VALIDATION, "validate_priority_exponent": _VALIDATION,
+        "validate_trajectory_buffer_args": _VALIDATION,
+        "SET_BATCH_FN": _TREE, "get_tree_depth": _TREE, "sum_tree": _TREE,
+        **{name: _PRIORITISED_FN for name in (
+            "get_invalid_indices", "get_max_divisible_length", "get_num_items_in_row",
+            "get_sum_tree_capacity", "prioritised_add", "prioritised_init",
+            "prioritised_sample", "set_priorities")}},
+    "flashbax.buffers.mixer": {
+        "can_sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods",
+        "sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods"},
+    "flashbax.buffers.sum_tree": {name: _TREE for name in (
+        "get", "get_batch", "get_probability", "get_tree_depth", "get_tree_index", "init",
+        "sample", "set_batch_bincount", "set_batch_scan", "set_non_batched",
+        "stratified_sample")},
+}
+
+
+def public_names(module: types.ModuleType) -> set[str]:
+    """Names a user can import from `module`: not private, and defined by Flashbax (not
+    `jax`, `chex`, `typing`, ... re-exported by its imports)."""
+    out = set()
+    for name in dir(module):
+        if name.startswith("_") or name == "TYPE_CHECKING":
+            continue
+        value = getattr(module, name)
+        if isinstance(value, types.ModuleType):
+            if value.__name__.startswith("flashbax"):
+                out.add(name)
+            continue
+        origin = getattr(value, "__module__", None) or ""
+        if origin.startswith("flashbax") or (not inspect.isroutine(value)
+                                            and not inspect.isclass(value)
+                                            and origin == ""):
+            out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("suffix", MODULES)
+def test_flashbax_names_exist_under_flax_replay(suffix):
+    theirs = importlib.import_module("flashbax" + suffix)
+    ours = importlib.import_module("flax_replay" + suffix)
+    absent = ABSENT.get("flashbax" + suffix, {})
+    names = public_names(theirs)
+    if suffix == "" and importlib.util.find_spec("flashbax.vault") is not None:
+        names.add("vault")  # a subpackage Flashbax ships (imported on demand)
+    missing = sorted(n for n in names - set(absent) if not hasattr(ours, n))
+    assert not missing, f"flax_replay{suffix} lacks Flashbax's {missing}"
+    # The absence list names only real Flashbax names that we really lack.
+    assert set(absent) <= names, sorted(set(absent) - names)
+    present = sorted(n for n in absent if hasattr(ours, n))
+    assert not present, f"listed as absent but present: {present}"
