@@ -9,7 +9,7 @@ noted where it is made.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 from flax_replay._src import checks, sum_tree
 from flax_replay._src.buffers import (
@@ -21,6 +21,7 @@ from flax_replay._src.buffers import (
     TransitionLayout,
 )
 from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.episodes import EndKey, EpisodeOptions, episode_core
 from flax_replay._src.priorities import PrioritisedCore, PriorityOptions
 from flax_replay._src.queue import TrajectoryQueue
 
@@ -36,6 +37,16 @@ def _priority_options(priority_exponent: float, device: str, sampling: str, bran
         # code is fast on every backend), so it is accepted for compatibility only.
         warnings.warn(f"device={device!r} is not one of {_DEVICES}; it is ignored", stacklevel=3)
     return PriorityOptions(priority_exponent, sampling, branching, ignore_stale_priorities)
+
+
+def _episodes(episode_end_key: Optional[EndKey], sequence_mode: Optional[str],
+              period: int) -> Optional[EpisodeOptions]:
+    """The episode options of a trajectory buffer (None: no episodes, today's behaviour)."""
+    if episode_end_key is None:
+        if sequence_mode is not None:
+            raise ValueError(f"sequence_mode={sequence_mode!r} needs episode_end_key")
+        return None
+    return EpisodeOptions(episode_end_key, sequence_mode or "within_episode", period)
 
 
 def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
@@ -192,12 +203,21 @@ def make_trajectory_buffer(
     min_length_time_axis: int,
     max_size: Optional[int] = None,
     max_length_time_axis: Optional[int] = None,
+    *,
+    episode_end_key: Optional[EndKey] = None,
+    sequence_mode: Optional[str] = None,
 ) -> Buffer:
     """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
-    sample_sequence_length]` sequences starting on the `period` grid."""
+    sample_sequence_length]` sequences starting on the `period` grid.
+
+    `episode_end_key` (a top-level bool leaf's name, or `step -> bool[]`) and `sequence_mode`
+    ("within_episode", the default with a key, or "padded") make the sequences respect
+    episode ends (`episodes.py`); None: sequences may cross them (Flashbax's behaviour).
+    """
+    episodes = _episodes(episode_end_key, sequence_mode, period)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    return Buffer(TrajectoryCore(**fields), TrajectoryLayout())
+    return Buffer(episode_core(TrajectoryCore(**fields), episodes), TrajectoryLayout())
 
 
 def make_flat_buffer(
@@ -290,18 +310,23 @@ def make_prioritised_trajectory_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    episode_end_key: Optional[EndKey] = None,
+    sequence_mode: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A trajectory buffer sampled with probability `priority ** priority_exponent / total`.
 
     `sampling`: "stratified" (one draw per equal slice of the total, as Flashbax) or
     "independent" (i.i.d. draws). `branching`: children per sum-tree node.
+    `episode_end_key`, `sequence_mode`: as `make_trajectory_buffer` (a window that crosses an
+    episode end has priority 0 and never gets the max priority).
     """
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
+    episodes = _episodes(episode_end_key, sequence_mode, period)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    core = PrioritisedCore(**fields, options=options)
-    return PrioritisedBuffer(core, TrajectoryLayout())
+    core = episode_core(PrioritisedCore(**fields, options=options), episodes)
+    return PrioritisedBuffer(cast(PrioritisedCore, core), TrajectoryLayout())
 
 
 def make_prioritised_flat_buffer(
