@@ -20,6 +20,14 @@ from flax_replay._src.buffers import (
     PrioritisedBuffer,
 )
 from flax_replay._src.core import Sample, TrajectoryBufferState
+from flax_replay._src.episodes import (
+    EpisodeOptions,
+    EpisodeSample,
+    EpisodeTrajectoryBufferState,
+    PrioritisedEpisodeSample,
+    PrioritisedEpisodeTrajectoryBufferState,
+    sequence_priorities,
+)
 from flax_replay._src.factories import (
     make_flat_buffer,
     make_item_buffer,
@@ -65,4 +73,7 @@ __all__ = [
     "make_prioritised_item_buffer", "make_n_step_buffer", "make_prioritised_n_step_buffer",
     "make_mixer", "TrainState", "to_collections", "from_collections", "linen", "nnx",
     "ShardedBuffer", "shard", "sharding",
+    "EpisodeOptions", "EpisodeSample", "PrioritisedEpisodeSample",
+    "EpisodeTrajectoryBufferState", "PrioritisedEpisodeTrajectoryBufferState",
+    "sequence_priorities",
 ]
