@@ -368,3 +368,56 @@ def test_linen_and_nnx_views(alpha):
     np.testing.assert_array_equal(s.mask, ref.mask)
     np.testing.assert_array_equal(s.experience["id"], ref.experience["id"])
     assert isinstance(nnx.state(mod, fbx.Replay), nnx.State)
+
+
+# ------------------------------------------------------------------------ flat and n-step
+@pytest.mark.parametrize("prioritised", [False, True])
+def test_flat_pairs_never_start_on_an_episode_end(prioritised):
+    make_flat = fbx.make_prioritised_flat_buffer if prioritised else fbx.make_flat_buffer
+    buf = make_flat(max_length=16, min_length=2, sample_batch_size=16, add_sequences=True,
+                    add_batch_size=2, episode_end_key="done")
+    eps = Episodes(2, 8, np.random.default_rng(5))
+    model = reference.TrajectoryModel(2, 8, 2, 1, 2, priority_exponent=0.6 if prioritised
+                                      else None, end=eps.end)
+    state = buf.init(EXAMPLE)
+    add, sample = jax.jit(buf.add), jax.jit(buf.sample)
+    for k in range(6):
+        batch = eps.batch(3)
+        state = add(state, batch)
+        model.add(batch["id"].tolist())
+        if not model.can_sample():
+            continue
+        pair = sample(state, jax.random.key(k)).experience
+        assert not np.asarray(pair.first["done"]).any()
+        for a, b in zip(np.asarray(pair.first["id"]).tolist(),
+                        np.asarray(pair.second["id"]).tolist()):
+            row, s = model.find(a)
+            assert (row, s) in model.valid_items() and model.steps(row, s) == [a, b]
+    tree = state.priority_state.sum_tree if prioritised else state.window_count
+    geo = buf.core.tree_geometry if prioritised else buf.core.count_geometry
+    got = set(np.flatnonzero(np.asarray(sum_tree.leaves(tree, geo))).tolist())
+    assert got == {model.leaf(r, s) for r, s in model.valid_items()}
+
+
+@pytest.mark.parametrize("prioritised", [False, True])
+def test_n_step_returns_stop_at_episode_end_key(prioritised):
+    make_n = fbx.make_prioritised_n_step_buffer if prioritised else fbx.make_n_step_buffer
+    example = {"id": jnp.zeros((), jnp.int32), "reward": jnp.zeros(()),
+               "discount": jnp.ones(())}
+    # The end signal is a function of the step (no "done" leaf): discount == 0.
+    buf = make_n(max_length=32, min_length=4, sample_batch_size=32, add_sequences=True,
+                 n_step=3, gamma=0.9, episode_end_key=lambda s: s["discount"] == 0.0)
+    rng = np.random.default_rng(2)
+    ids = np.arange(1, 25, dtype=np.int32)
+    rewards = rng.uniform(-1, 1, 24).astype(np.float32)
+    disc = (rng.random(24) > 0.3).astype(np.float32)
+    state = buf.add(buf.init(example), {"id": ids, "reward": rewards, "discount": disc})
+    out = jax.jit(buf.sample)(state, jax.random.key(0)).experience
+    for i, ret, d in zip(np.asarray(out.first["id"]), np.asarray(out.reward),
+                         np.asarray(out.discount)):
+        t = int(i) - 1
+        want = reference.n_step_return(rewards[t:t + 3], disc[t:t + 3] == 0, 0.9, 3)
+        assert ret == pytest.approx(want[0], abs=1e-5) and d == pytest.approx(want[1])
+    with pytest.raises(ValueError, match="function's result\\) must be bool"):
+        make_n(max_length=32, min_length=4, sample_batch_size=4, n_step=3,
+               episode_end_key=lambda s: s["discount"]).init(example)

@@ -49,6 +49,10 @@ def _episodes(episode_end_key: Optional[EndKey], sequence_mode: Optional[str],
     return EpisodeOptions(episode_end_key, sequence_mode or "within_episode", period)
 
 
+def _n_step_end(episode_end_key: Optional[EndKey]) -> Optional[EpisodeOptions]:
+    return None if episode_end_key is None else EpisodeOptions(episode_end_key)
+
+
 def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
                add_batch_size: int, *, max_size_overrides: bool = False,
                stacklevel: int = 4) -> int:
@@ -226,11 +230,18 @@ def make_flat_buffer(
     sample_batch_size: int,
     add_sequences: bool = False,
     add_batch_size: Optional[int] = None,
+    *,
+    episode_end_key: Optional[EndKey] = None,
 ) -> Buffer:
-    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps."""
+    """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps.
+
+    `episode_end_key` (see `make_trajectory_buffer`): a pair has no discount to flag an episode
+    end, so a pair whose `first` ends an episode (its `second` would be the next episode's
+    first step) is never sampled; the pair ending on the last step is. None: every pair.
+    """
     fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
-    return Buffer(TrajectoryCore(**fields),
-                  TransitionLayout(add_batch_size is not None, add_sequences))
+    core = episode_core(TrajectoryCore(**fields), _episodes(episode_end_key, None, 1))
+    return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
 
 
 def make_item_buffer(
@@ -258,12 +269,20 @@ def make_n_step_buffer(
     done_key: Optional[str] = "done",
     discount_key: Optional[str] = None,
     n_step_fn: Optional[Callable] = None,
+    episode_end_key: Optional[EndKey] = None,
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
-    discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
+    discount computed at sample time (`NStepTransition`, see `NStepReturns`).
+
+    `episode_end_key` (see `make_trajectory_buffer`) is then the end signal of the return (in
+    place of `done_key` / `discount_key`): the return stops after the first end and the
+    discount is 0, which flags inside the transition that `second` lies past the end. Every
+    transition stays sampleable (those ending an episode carry its last rewards).
+    """
     core = TrajectoryCore(**_flat_fields(max_length, min_length, sample_batch_size,
                                          add_batch_size, n_step))
-    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn,
+                           _n_step_end(episode_end_key))
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
                                          returns))
 
@@ -341,13 +360,17 @@ def make_prioritised_flat_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    episode_end_key: Optional[EndKey] = None,
 ) -> PrioritisedBuffer:
-    """A prioritised flat buffer (PER, Schaul et al. 2015)."""
+    """A prioritised flat buffer (PER, Schaul et al. 2015); `episode_end_key` as
+    `make_flat_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
     fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1)
-    core = PrioritisedCore(**fields, options=options)
-    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences))
+    core = episode_core(PrioritisedCore(**fields, options=options),
+                        _episodes(episode_end_key, None, 1))
+    return PrioritisedBuffer(cast(PrioritisedCore, core),
+                             TransitionLayout(add_batch_size is not None, add_sequences))
 
 
 def make_prioritised_item_buffer(
@@ -389,15 +412,17 @@ def make_prioritised_n_step_buffer(
     sampling: str = "stratified",
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
+    episode_end_key: Optional[EndKey] = None,
 ) -> PrioritisedBuffer:
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
-    add_batch_size, priority_exponent, n_step=3)`."""
+    add_batch_size, priority_exponent, n_step=3)`; `episode_end_key` as `make_n_step_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
     fields = _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step)
     core = PrioritisedCore(**fields, options=options)
-    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn,
+                           _n_step_end(episode_end_key))
     return PrioritisedBuffer(
         core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns)
     )
