@@ -421,3 +421,55 @@ def test_n_step_returns_stop_at_episode_end_key(prioritised):
     with pytest.raises(ValueError, match="function's result\\) must be bool"):
         make_n(max_length=32, min_length=4, sample_batch_size=4, n_step=3,
                episode_end_key=lambda s: s["discount"]).init(example)
+
+
+# ----------------------------------------------------------------------------- sharded
+@pytest.mark.parametrize("alpha,mode", [(None, "within_episode"), (0.6, "padded")])
+def test_sharded_local_sampling_same_laws(alpha, mode):
+    """4 rows over 2 devices: the state equals the unsharded one's, every shard's valid
+    windows are the reference's, each shard's half of the sample lies in its own rows, and
+    the windows of each shard are drawn uniformly / by priority (chi-square)."""
+    from jax.sharding import AxisType
+
+    cfg = (4, 8, 3, 1, mode)
+    buf = make(cfg, alpha, batch=64)
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
+    sharded = fbx.shard(buf, mesh, "data", sampling="local")
+    with pytest.raises(ValueError, match="sampling='local' only"):
+        fbx.shard(buf, mesh, "data", sampling="global")
+    eps = Episodes(4, 8, np.random.default_rng(11))
+    model = reference.TrajectoryModel(4, 8, 3, 1, 3, priority_exponent=alpha, end=eps.end,
+                                      mode=mode)
+    state, plain = sharded.init(EXAMPLE), buf.init(EXAMPLE)
+    add = jax.jit(sharded.add, donate_argnums=0)
+    for _ in range(7):
+        batch = eps.batch(2)
+        state, plain = add(state, batch), buf.add(plain, batch)
+        model.add(batch["id"].tolist())
+    np.testing.assert_array_equal(state.episode_ends, plain.episode_ends)
+    np.testing.assert_array_equal(state.window_valid, plain.window_valid)
+    assert bool(sharded.can_sample(state)) == model.can_sample()
+    valid = model.valid_items()
+    sample_many = jax.jit(jax.vmap(sharded.sample, in_axes=(None, 0)))
+    out = sample_many(state, jax.random.split(jax.random.key(3), 200))
+    ids = np.asarray(out.experience["id"])  # [draws, 64, L]
+    counts: dict = {}
+    for d in range(ids.shape[0]):
+        for b in range(ids.shape[1]):
+            row, s = model.find(int(ids[d, b, 0]))
+            assert (row, s) in valid
+            assert row // 2 == b // 32  # shard k's half of the batch comes from its rows
+            counts[(row, s)] = counts.get((row, s), 0) + 1
+    if mode == "padded":
+        check_sample(jax.tree.map(lambda x: np.asarray(x)[0], out), model, mode, 3)
+    for shard in (0, 1):
+        mine = [i for i in valid if i[0] // 2 == shard]
+        # Uniform, and prioritised with every window at the initial max priority 1.
+        weights = {i: 1.0 for i in mine}
+        assert chi_square({i: counts.get(i, 0) for i in mine}, weights) > 1e-3
+    # Power: a law over the shard's windows that ignores episodes is rejected.
+    plain_model = reference.TrajectoryModel(4, 8, 3, 1, 3)
+    plain_model.history = model.history
+    every = [i for i in plain_model.valid_items() if i[0] // 2 == 0]
+    if len(every) > len([i for i in valid if i[0] // 2 == 0]):
+        assert chi_square({i: counts.get(i, 0) for i in every}, {i: 1.0 for i in every}) < 1e-3
