@@ -181,10 +181,15 @@ class EpisodeMethods:
         ends = self.episodes.flags(rows, 2)
         a = ends.shape[1]
         time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
-        prev = state.episode_ends[:, (state.current_index - 1) % t] | (written == 0)
+        last = (state.current_index - 1) % t  # the previous step, kept by any add of a < T
+        old_ends = state.episode_ends
+        new_ends = old_ends.at[:, time].set(ends, unique_indices=True)
+        # Read the previous step's flag from the written array: reading the old one first
+        # would make XLA copy the whole flag array on every add instead of writing in place.
+        prev = (old_ends if a == t else new_ends)[:, last] | (written == 0)
         starts = jnp.concatenate([prev[:, None], ends[:, :-1]], axis=1)
         return dict(
-            episode_ends=state.episode_ends.at[:, time].set(ends, unique_indices=True),
+            episode_ends=new_ends,
             episode_starts=state.episode_starts.at[:, time].set(starts, unique_indices=True),
         )
 
