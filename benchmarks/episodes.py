@@ -6,7 +6,8 @@ same buffers without it, in a jitted `lax.scan` (time per operation).
 
 Workloads: uniform and prioritised trajectory buffers, 16 rows, items of shape (8,) float32,
 sequences of 8 steps on a period-2 grid, episodes ending with probability 1/50 per step;
-`add` of one step per row and `sample` of 256 sequences, each scanned `--steps` times. Each
+`add` of one step per row and `sample` of 256 sequences (every leaf summed, so that no gather
+is skipped), each scanned `--steps` times. Each
 buffer is filled completely first. In each round the arms (no episodes, "within_episode",
 "padded") run back to back in rotating order; a ratio is the median over rounds of the
 per-round ratios to the arm without episodes. Writes benchmarks/results/episodes.md.
@@ -69,7 +70,10 @@ def arm(capacity: int, prioritised: bool, mode, n_steps: int):
     def sample_all(s, keys):
         def body(acc, k):
             out = buf.sample(s, k)
-            return acc + jnp.sum(out.experience["obs"]), None
+            # Every leaf is read, as a learner does (else the arm without episodes would skip
+            # gathering "done", which the padded mode reads for its mask).
+            x = out.experience
+            return acc + jnp.sum(x["obs"]) + jnp.sum(x["done"]), None
         return jax.lax.scan(body, jnp.float32(0), keys)[0]
 
     keys = jax.random.split(jax.random.key(1), n_steps)

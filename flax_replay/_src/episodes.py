@@ -113,8 +113,11 @@ class EpisodeOptions:
 def real_steps(ends: Array) -> Array:
     """bool `[..., L]`: True up to and including the first end of each window `ends`
     `[..., L]` (the steps of the window's own episode), False after it (padding)."""
-    before = jnp.cumsum(ends.astype(jnp.int32), axis=-1) - ends.astype(jnp.int32)
-    return before == 0
+    # The first end's position by a reduction: a cumulative sum lowers to a reduce-window
+    # that XLA:CPU runs several times slower than the rest of a sample.
+    l = ends.shape[-1]
+    first = jnp.min(jnp.where(ends, jnp.arange(l), l), axis=-1, keepdims=True)
+    return jnp.arange(l) <= first
 
 
 # -------------------------------------------------------------------------------- state
