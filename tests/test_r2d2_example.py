@@ -14,7 +14,7 @@ def test_r2d2_example_runs_short():
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    curves = module.main(["--iterations", "100", "--log-every", "50", "--envs", "8",
+    curves = module.main(["--iterations", "60", "--log-every", "30", "--envs", "8",
                           "--out", ""])
     assert set(curves) == {"LSTM (R2D2 sequences)", "feed-forward"}
     for curve in curves.values():
