@@ -224,8 +224,9 @@ class EpisodeMethods:
             "steps per row written; min_length_time_axis="
             + str(self.min_length_time_axis) + ", sequence length "
             + str(self.sample_sequence_length) + ", sequence_mode=" + repr(self.episodes.mode)
-            + (": every stored window crosses an episode end, so episodes shorter than the "
-               "sequence length are never sampled in this mode" if not self.episodes.padded
+            + ("; in this mode a window that crosses an episode end is never valid, so "
+               "episodes shorter than the sequence length are never sampled"
+               if not self.episodes.padded
                else "") + "); check can_sample(state) first",
             steps=self.written(state),  # type: ignore[attr-defined]
         )
