@@ -1,7 +1,7 @@
 """Recurrent DQN with R2D2-style sequence replay on a memory task, against a feed-forward DQN.
 
     python examples/r2d2_sequences.py                 # ~1-3 minutes on CPU, writes a PNG
-    python examples/r2d2_sequences.py --iterations 1000 --out /tmp/curves.png
+    python examples/r2d2_sequences.py --iterations 600 --out curves.png
 
 The task (cue recall, written here in JAX): an episode is `--episode-length` steps. The first
 observation shows a cue (one of two), the next ones are blank, and the last one asks a
