@@ -21,6 +21,14 @@ from flax_replay._src.buffers import (
     PrioritisedBuffer,
 )
 from flax_replay._src.core import Sample, TrajectoryBufferState
+from flax_replay._src.episodes import (
+    EpisodeOptions,
+    EpisodeSample,
+    EpisodeTrajectoryBufferState,
+    PrioritisedEpisodeSample,
+    PrioritisedEpisodeTrajectoryBufferState,
+    sequence_priorities,
+)
 from flax_replay._src.factories import (
     make_flat_buffer,
     make_item_buffer,
@@ -81,4 +89,7 @@ __all__ = [
     "buffers", "utils", "flat_buffer", "item_buffer", "mixer", "prioritised_flat_buffer",
     "prioritised_item_buffer", "prioritised_trajectory_buffer", "trajectory_buffer",
     "trajectory_queue",
+    "EpisodeOptions", "EpisodeSample", "PrioritisedEpisodeSample",
+    "EpisodeTrajectoryBufferState", "PrioritisedEpisodeTrajectoryBufferState",
+    "sequence_priorities",
 ]

@@ -24,6 +24,12 @@ The rules modelled:
   priority, a leaf holding no valid item, or (when stale updates are ignored) a version that
   is not the start of the slot's current item; among the remaining entries the last one for
   a leaf wins, and every one of them counts towards the maximum priority.
+* Episodes (trajectory buffers given an episode-end signal `end(step) -> bool`, True on the
+  last step of an episode). "within_episode": an item must also have no end among its steps
+  s, ..., s + L - 2. "padded": an item may start on the grid or at an episode start (s = 0, or
+  step s - 1 ended an episode), so slots are per step (leaf = row * T + s % T); its steps
+  after the first end are padding (None here, zeros in the buffer). Validity is otherwise as
+  above (all L steps written and stored); an item that is not valid has leaf 0.
 * The trajectory queue: per-row FIFO of capacity T; an add that does not fit is refused
   (nothing changes); a sample returns the L oldest unread steps of every row and consumes them.
 * Layouts: trajectory batches are [R, A] rows; flat/n-step batches [R?, A?] become [R or 1,
@@ -49,8 +55,14 @@ class TrajectoryModel:
 
     def __init__(self, rows: int, capacity: int, sequence_length: int, period: int,
                  min_length: int, priority_exponent: Optional[float] = None,
-                 ignore_stale_priorities: bool = True, counter_modulus: Optional[int] = None):
+                 ignore_stale_priorities: bool = True, counter_modulus: Optional[int] = None,
+                 end: Optional[Any] = None, mode: str = "within_episode"):
         assert capacity % period == 0, "the time axis must be a multiple of the period"
+        assert mode in ("within_episode", "padded")
+        self.end, self.mode = end, mode
+        # Storage slots: one per period, or one per step when padded windows may start at
+        # any episode start.
+        self.slot_period = 1 if end is not None and mode == "padded" else period
         self.rows, self.capacity = rows, capacity
         self.sequence_length, self.period, self.min_length = sequence_length, period, min_length
         self.alpha = priority_exponent
@@ -59,7 +71,7 @@ class TrajectoryModel:
         self.counter_modulus = counter_modulus
         self.history: list[list[Any]] = [[] for _ in range(rows)]  # every step ever added
         if self.prioritised:
-            self.leaves = np.zeros(rows * (capacity // period), np.float64)
+            self.leaves = np.zeros(rows * (capacity // self.slot_period), np.float64)
             self.max_priority = 1.0
 
     @property
@@ -110,15 +122,28 @@ class TrajectoryModel:
     # -- items
     def is_valid(self, row: int, s: int) -> bool:
         w, t, l, p = self.written, self.capacity, self.sequence_length, self.period
-        return 0 <= row < self.rows and s % p == 0 and s >= max(w - t, 0) and s + l <= w
+        stored = 0 <= row < self.rows and s >= max(w - t, 0) and s + l <= w
+        if not stored:
+            return False
+        if self.end is None:
+            return s % p == 0
+        steps = self.history[row]
+        if self.mode == "padded":
+            return s % p == 0 or s == 0 or bool(self.end(steps[s - 1]))
+        return s % p == 0 and not any(self.end(x) for x in steps[s:s + l - 1])
 
     def valid_items(self) -> list[tuple[int, int]]:
-        return [(r, s) for r in range(self.rows) for s in range(0, self.written, self.period)
-                if self.is_valid(r, s)]
+        return [(r, s) for r in range(self.rows)
+                for s in range(0, self.written, self.slot_period) if self.is_valid(r, s)]
 
     def steps(self, row: int, s: int) -> list[Any]:
-        """The L steps of item (row, s)."""
-        return self.history[row][s:s + self.sequence_length]
+        """The L steps of item (row, s); padded mode: None after the first episode end."""
+        out = self.history[row][s:s + self.sequence_length]
+        if self.end is not None and self.mode == "padded":
+            for k, x in enumerate(out):
+                if self.end(x):
+                    return out[:k + 1] + [None] * (len(out) - k - 1)
+        return out
 
     def can_sample(self) -> bool:
         long_enough = self.written >= self.min_length or self.is_full
@@ -145,7 +170,8 @@ class TrajectoryModel:
 
     # -- priorities
     def leaf(self, row: int, s: int) -> int:
-        return row * (self.capacity // self.period) + (s % self.capacity) // self.period
+        q = self.slot_period
+        return row * (self.capacity // q) + (s % self.capacity) // q
 
     def item_at_leaf(self, leaf: int) -> Optional[tuple[int, int]]:
         """The valid item whose slot is `leaf`, or None."""

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from flax_replay._src import checks
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.episodes import EpisodeOptions
 from flax_replay._src.frames import FrameStack
 from flax_replay._src.functions import FunctionFields
 from flax_replay._src.priorities import (
@@ -143,7 +144,9 @@ class NStepReturns:
     either `done_key` (1 = the episode ended after this step) or `discount_key` (the
     environment's per-step continuation, 0 at termination). Rewards and ends at step t are
     those of the transition from step t to t + 1, as in a flat buffer's `first`. `fn`, if
-    given, replaces all of this: `fn(sequence, n) -> (reward [B], discount [B])`.
+    given, replaces all of this: `fn(sequence, n) -> (reward [B], discount [B])`. `end`, if
+    given (the buffer's `episode_end_key`), is the episode-end signal in place of `done_key` /
+    `discount_key`.
     """
 
     gamma: float = 0.99
@@ -151,6 +154,7 @@ class NStepReturns:
     done_key: Optional[str] = "done"
     discount_key: Optional[str] = None
     fn: Optional[Callable] = None
+    end: Optional[EpisodeOptions] = None
 
     def __call__(self, seq: PyTree, n: int) -> tuple[Array, Array]:
         if self.fn is not None:
@@ -162,11 +166,14 @@ class NStepReturns:
                 "pass reward_key=... or n_step_fn=..."
             )
         reward = reward[:, :n].astype(jnp.float32)
-        if self.discount_key is not None:
-            cont = _leaf(seq, self.discount_key)
-            if cont is None:
+        if self.end is not None:
+            ends = self.end.flags(jax.tree.map(lambda x: x[:, :n], seq), 2)
+            cont = 1.0 - ends.astype(jnp.float32)
+        elif self.discount_key is not None:
+            given = _leaf(seq, self.discount_key)
+            if given is None:
                 raise ValueError(f"n-step buffer: no leaf {self.discount_key!r} (discount_key)")
-            cont = cont[:, :n].astype(jnp.float32)
+            cont = given[:, :n].astype(jnp.float32)
         elif (done := None if self.done_key is None else _leaf(seq, self.done_key)) is not None:
             cont = 1.0 - done[:, :n].astype(jnp.float32)
         else:
@@ -201,6 +208,9 @@ class Buffer(FunctionFields):
         check_example = getattr(self.layout, "check_example", None)
         if check_example is not None:
             check_example(experience)
+        returns = getattr(self.layout, "returns", None)
+        if returns is not None and returns.end is not None:  # n-step episode_end_key
+            returns.end.check_experience(experience)
         return self.core.init(experience)
 
     def add(self, state: TrajectoryBufferState, batch: PyTree) -> TrajectoryBufferState:

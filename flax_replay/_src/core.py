@@ -18,7 +18,7 @@ slot) is the subclass `PrioritisedCore` in `priorities.py`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,18 @@ class TrajectoryBufferState(struct.PyTreeNode):
     experience: PyTree
     current_index: Array
     is_full: Array
+
+
+class Turnover(NamedTuple):
+    """The items an add of `a` steps per row breaks (`out`) and completes (`in`): leaves
+    `[R * m]` (row-major `[R, m]`, `m = min(ceil(a / P), slots_per_row)`), masks `[R * m]`,
+    and the entering items' absolute starts `start_in` `[m]` (the same in every row)."""
+
+    leaf_out: Array
+    mask_out: Array
+    start_in: Array
+    leaf_in: Array
+    mask_in: Array
 
 
 class Sample(struct.PyTreeNode):
@@ -117,6 +129,33 @@ class TrajectoryCore:
         offset = slot * p
         s = offset + floor_div(written - 1 - offset, t) * t
         return jnp.where(written - 1 >= offset, s, -1)
+
+    def turnover(self, written: Array, a: int) -> Turnover:
+        """Which items an add of `a` steps per row breaks and completes; `written` counts the
+        steps per row before the add (what a sum tree over the slots must update)."""
+        p, s_per_row = self.period, self.slots_per_row
+        lo0, n0 = self.valid_window(written)
+        lo1, n1 = self.valid_window(written + a)
+        # Static bound on the items entering (starts in (W - L, W + a - L]) or leaving
+        # (starts in [W - T, W + a - T)) per row: a grid of period p meets an interval
+        # of length a at most ceil(a / p) times.
+        m = min(-(-a // p), s_per_row)
+        j = jnp.arange(m)
+        # Leaving: valid before, start below the new window.
+        n_out = jnp.clip(floor_div(lo1 - lo0, p), 0, n0)
+        s_out = lo0 + j * p
+        # Entering: valid after, start above the old window's last item.
+        first_new = jnp.where(n0 > 0, jnp.maximum(lo1, lo0 + n0 * p), lo1)
+        n_in = jnp.clip(n1 - floor_div(first_new - lo1, p), 0, n1)
+        s_in = first_new + j * p
+        rows = jnp.arange(self.add_batch_size)[:, None] * s_per_row
+        return Turnover(
+            leaf_out=(rows + (s_out % self.max_length_time_axis) // p).reshape(-1),
+            mask_out=jnp.broadcast_to(j < n_out, (self.add_batch_size, m)).reshape(-1),
+            start_in=s_in,
+            leaf_in=(rows + (s_in % self.max_length_time_axis) // p).reshape(-1),
+            mask_in=jnp.broadcast_to(j < n_in, (self.add_batch_size, m)).reshape(-1),
+        )
 
     # --------------------------------------------------------------------------------- init
     def init(self, experience: PyTree) -> TrajectoryBufferState:

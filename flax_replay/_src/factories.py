@@ -9,7 +9,7 @@ noted where it is made.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, cast
 
 from flax_replay._src import checks, memory, sum_tree
 from flax_replay._src.buffers import (
@@ -21,6 +21,7 @@ from flax_replay._src.buffers import (
     TransitionLayout,
 )
 from flax_replay._src.core import TrajectoryCore
+from flax_replay._src.episodes import EndKey, EpisodeOptions, episode_core
 from flax_replay._src.frames import FrameStack, stacked_fields
 from flax_replay._src.priorities import PrioritisedCore, PriorityOptions
 from flax_replay._src.queue import TrajectoryQueue
@@ -37,6 +38,36 @@ def _priority_options(priority_exponent: float, device: str, sampling: str, bran
         # code is fast on every backend), so it is accepted for compatibility only.
         warnings.warn(f"device={device!r} is not one of {_DEVICES}; it is ignored", stacklevel=3)
     return PriorityOptions(priority_exponent, sampling, branching, ignore_stale_priorities)
+
+
+def _episodes(episode_end_key: Optional[EndKey], sequence_mode: Optional[str],
+              period: int) -> Optional[EpisodeOptions]:
+    """The episode options of a trajectory buffer (None: no episodes, today's behaviour)."""
+    if episode_end_key is None:
+        if sequence_mode is not None:
+            raise ValueError(f"sequence_mode={sequence_mode!r} needs episode_end_key")
+        return None
+    return EpisodeOptions(episode_end_key, sequence_mode or "within_episode", period)
+
+
+def _n_step_end(episode_end_key: Optional[EndKey]) -> Optional[EpisodeOptions]:
+    return None if episode_end_key is None else EpisodeOptions(episode_end_key)
+
+
+def _frames(frame_stack: Optional[Mapping[str, int]], episode_end_key: Optional[EndKey],
+            n_step: bool) -> Optional[FrameStack]:
+    """The frame stacking of a flat or n-step buffer. With an `episode_end_key` naming a leaf,
+    frames from before an episode's first step are zeros (n-step buffers). Not yet for the
+    flat buffers, whose episode ends also decide which pairs are valid, nor for an end given
+    as a function."""
+    if frame_stack is not None and episode_end_key is not None and (
+            not n_step or not isinstance(episode_end_key, str)):
+        raise ValueError(
+            "frame_stack with episode_end_key is supported by the n-step buffers with a key "
+            "name only, for now; got episode_end_key="
+            f"{episode_end_key!r} on a {'n-step' if n_step else 'flat'} buffer")
+    ends = episode_end_key if isinstance(episode_end_key, str) else None
+    return FrameStack.from_arg(frame_stack, ends_key=ends)
 
 
 def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
@@ -200,13 +231,21 @@ def make_trajectory_buffer(
     max_length_time_axis: Optional[int] = None,
     *,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
+    sequence_mode: Optional[str] = None,
 ) -> Buffer:
     """Rows of trajectories `[add_batch_size, T]`; samples `[sample_batch_size,
-    sample_sequence_length]` sequences starting on the `period` grid."""
+    sample_sequence_length]` sequences starting on the `period` grid.
+
+    `episode_end_key` (a top-level bool leaf's name, or `step -> bool[]`) and `sequence_mode`
+    ("within_episode", the default with a key, or "padded") make the sequences respect
+    episode ends (`episodes.py`); None: sequences may cross them (Flashbax's behaviour).
+    """
+    episodes = _episodes(episode_end_key, sequence_mode, period)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
-                  TrajectoryLayout())
+    core = TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind))
+    return Buffer(episode_core(core, episodes), TrajectoryLayout())
 
 
 def make_flat_buffer(
@@ -218,14 +257,22 @@ def make_flat_buffer(
     *,
     frame_stack: Optional[Mapping[str, int]] = None,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
 ) -> Buffer:
     """Transitions; a sample's experience is `ExperiencePair(first, second)`, consecutive steps.
-    `frame_stack={"obs": k}`: one frame stored per step, `k` stacked at sample (`frames.py`)."""
-    stack = FrameStack.from_arg(frame_stack)
+    `frame_stack={"obs": k}`: one frame stored per step, `k` stacked at sample (`frames.py`).
+
+    `episode_end_key` (see `make_trajectory_buffer`): a pair has no discount to flag an episode
+    end, so a pair whose `first` ends an episode (its `second` would be the next episode's
+    first step) is never sampled; the pair ending on the last step is. None: every pair.
+    """
+    stack = _frames(frame_stack, episode_end_key, n_step=False)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
-    return Buffer(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
-                  TransitionLayout(add_batch_size is not None, add_sequences, frames=stack))
+    core = episode_core(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
+                        _episodes(episode_end_key, None, 1))
+    return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
+                                         frames=stack))
 
 
 def make_item_buffer(
@@ -258,14 +305,22 @@ def make_n_step_buffer(
     n_step_fn: Optional[Callable] = None,
     frame_stack: Optional[Mapping[str, int]] = None,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
 ) -> Buffer:
     """Transitions `first` at t, `second` at t + n, with the n-step return and bootstrap
-    discount computed at sample time (`NStepTransition`, see `NStepReturns`)."""
-    stack = FrameStack.from_arg(frame_stack)
+    discount computed at sample time (`NStepTransition`, see `NStepReturns`).
+
+    `episode_end_key` (see `make_trajectory_buffer`) is then the end signal of the return (in
+    place of `done_key` / `discount_key`): the return stops after the first end and the
+    discount is 0, which flags inside the transition that `second` lies past the end. Every
+    transition stays sampleable (those ending an episode carry its last rewards).
+    """
+    stack = _frames(frame_stack, episode_end_key, n_step=True)
     core = TrajectoryCore(**stacked_fields(_flat_fields(max_length, min_length, sample_batch_size,
                                                         add_batch_size, n_step), stack),
                           memory_kind=memory.checked(memory_kind))
-    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn,
+                           _n_step_end(episode_end_key))
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences, n_step,
                                          returns, stack))
 
@@ -315,18 +370,24 @@ def make_prioritised_trajectory_buffer(
     branching: int = sum_tree.DEFAULT_BRANCHING,
     ignore_stale_priorities: bool = True,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
+    sequence_mode: Optional[str] = None,
 ) -> PrioritisedBuffer:
     """A trajectory buffer sampled with probability `priority ** priority_exponent / total`.
 
     `sampling`: "stratified" (one draw per equal slice of the total, as Flashbax) or
     "independent" (i.i.d. draws). `branching`: children per sum-tree node.
+    `episode_end_key`, `sequence_mode`: as `make_trajectory_buffer` (a window that crosses an
+    episode end has priority 0 and never gets the max priority).
     """
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
+    episodes = _episodes(episode_end_key, sequence_mode, period)
     fields = _trajectory_fields(add_batch_size, sample_batch_size, sample_sequence_length,
                                 period, min_length_time_axis, max_size, max_length_time_axis)
-    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
-    return PrioritisedBuffer(core, TrajectoryLayout())
+    core = episode_core(PrioritisedCore(**fields, options=options,
+                                        memory_kind=memory.checked(memory_kind)), episodes)
+    return PrioritisedBuffer(cast(PrioritisedCore, core), TrajectoryLayout())
 
 
 def make_prioritised_flat_buffer(
@@ -343,16 +404,21 @@ def make_prioritised_flat_buffer(
     ignore_stale_priorities: bool = True,
     frame_stack: Optional[Mapping[str, int]] = None,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
 ) -> PrioritisedBuffer:
-    """A prioritised flat buffer (PER, Schaul et al. 2015)."""
+    """A prioritised flat buffer (PER, Schaul et al. 2015); `episode_end_key` as
+    `make_flat_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    stack = FrameStack.from_arg(frame_stack)
+    stack = _frames(frame_stack, episode_end_key, n_step=False)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
-    core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
-    return PrioritisedBuffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
-                                                    frames=stack))
+    core = episode_core(PrioritisedCore(**fields, options=options,
+                                        memory_kind=memory.checked(memory_kind)),
+                        _episodes(episode_end_key, None, 1))
+    return PrioritisedBuffer(cast(PrioritisedCore, core),
+                             TransitionLayout(add_batch_size is not None, add_sequences,
+                                              frames=stack))
 
 
 def make_prioritised_item_buffer(
@@ -397,17 +463,19 @@ def make_prioritised_n_step_buffer(
     ignore_stale_priorities: bool = True,
     frame_stack: Optional[Mapping[str, int]] = None,
     memory_kind: Optional[str] = None,
+    episode_end_key: Optional[EndKey] = None,
 ) -> PrioritisedBuffer:
     """The prioritised n-step buffer of the Flashbax quickstart (never released there):
     `make_prioritised_n_step_buffer(max_length, min_length, sample_batch_size, add_sequences,
-    add_batch_size, priority_exponent, n_step=3)`."""
+    add_batch_size, priority_exponent, n_step=3)`; `episode_end_key` as `make_n_step_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    stack = FrameStack.from_arg(frame_stack)
+    stack = _frames(frame_stack, episode_end_key, n_step=True)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step), stack)
     core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))
-    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn)
+    returns = NStepReturns(gamma, reward_key, done_key, discount_key, n_step_fn,
+                           _n_step_end(episode_end_key))
     return PrioritisedBuffer(
         core, TransitionLayout(add_batch_size is not None, add_sequences, n_step, returns, stack)
     )

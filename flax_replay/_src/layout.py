@@ -21,13 +21,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flax_replay._src import sum_tree
 from flax_replay._src.buffers import Buffer
+from flax_replay._src.episodes import EpisodeCore, EpisodeTrajectoryBufferState
 from flax_replay._src.priorities import PrioritisedCore, PrioritisedTrajectoryBufferState
 from flax_replay._src.state import PRIORITIES, REPLAY, from_collections, to_collections
 from flax_replay._src.typing import Axis, PyTree
 
 # ndim of each "priorities" leaf in the single-device layout; one more axis = one per shard.
 _SINGLE_NDIM = {"sum_tree": 1, "min_tree": 1, "max_priority": 0}
+# "replay" arrays with the rows (or leaves, row-major) first, sharded like the experience:
+# the episode flags of episode-aware buffers (`episodes.py`); and their per-shard trees.
+_ROW_FIELDS = ("experience", "episode_ends", "episode_starts", "window_valid")
+_REPLAY_TREES = {"window_count": 1}
 
 
 def axes(axis: Axis) -> tuple[str, ...]:
@@ -40,7 +46,8 @@ def partition_names(col: str, name: str, value: Any, axis: Axis) -> tuple:
     first) and per-shard priority trees (shards first), `(None,) * ndim` (replicated) else."""
     ndim = len(value.shape) if hasattr(value, "shape") else jnp.ndim(value)
     per_shard = col == PRIORITIES and ndim == _SINGLE_NDIM.get(name, -1) + 1
-    if (col == REPLAY and name == "experience" or per_shard) and ndim >= 1:
+    per_shard |= col == REPLAY and ndim == _REPLAY_TREES.get(name, -1) + 1
+    if (col == REPLAY and name in _ROW_FIELDS or per_shard) and ndim >= 1:
         return (axis,) + (None,) * (ndim - 1)
     return (None,) * ndim
 
@@ -119,6 +126,11 @@ def local_buffer(buffer: Buffer, num_shards: int) -> Buffer:
 def sharded_init(buffer: Buffer, experience: PyTree, num_shards: int) -> Any:
     """The empty state with global experience and one priority tree per shard (traceable)."""
     state = buffer.init(experience)
+    if isinstance(state, EpisodeTrajectoryBufferState):  # one 0/1 window tree per shard
+        local_core = local_buffer(buffer, num_shards).core
+        assert isinstance(local_core, EpisodeCore)
+        tree = sum_tree.init(local_core.count_geometry, 0.0)
+        return state.replace(window_count=jnp.broadcast_to(tree, (num_shards, *tree.shape)))
     if not isinstance(state, PrioritisedTrajectoryBufferState):
         return state
     local = local_buffer(buffer, num_shards).core

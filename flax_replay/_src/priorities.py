@@ -18,7 +18,7 @@ import numpy as np
 from flax import struct
 
 from flax_replay._src import checks, sum_tree
-from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore, floor_div
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
 from flax_replay._src.typing import Array, PyTree
 
 SAMPLING_MODES = ("stratified", "independent")
@@ -196,8 +196,10 @@ class PrioritisedCore(TrajectoryCore):
             what: str = "add") -> PrioritisedTrajectoryBufferState:
         new = cast(PrioritisedTrajectoryBufferState, super().add(state, rows, what))
         a, written = self.steps_in(rows, what), state.running_index
+        weights = self.entering_weights(new, written, a)
         return new.replace(running_index=self.reduce_counter(written + a),
-                           priority_state=self.after_add(state.priority_state, written, a))
+                           priority_state=self.after_add(state.priority_state, written, a,
+                                                         weights))
 
     def reduce_counter(self, written: Array) -> Array:
         """`written` (< M + 2T) brought below M + T by subtracting a multiple of M; never below
@@ -207,38 +209,30 @@ class PrioritisedCore(TrajectoryCore):
         reduced = (written - t) % m + t
         return jnp.where(written >= m + t, reduced, written).astype(jnp.int32)
 
-    def after_add(self, ps: PriorityState, written: Array, a: int) -> PriorityState:
+    def after_add(self, ps: PriorityState, written: Array, a: int,
+                  weight_in: Optional[Array] = None) -> PriorityState:
         """Zero the items a write of `a` steps per row broke, give the items it completed the
-        max priority; `written` counts the steps per row before the write."""
-        p, s_per_row = self.period, self.slots_per_row
-        lo0, n0 = self.valid_window(written)
-        lo1, n1 = self.valid_window(written + a)
-        # Static bound on the items entering (starts in (W - L, W + a - L]) or leaving
-        # (starts in [W - T, W + a - T)) per row: a grid of period p meets an interval
-        # of length a at most ceil(a / p) times.
-        m = min(-(-a // p), s_per_row)
-        j = jnp.arange(m)
-        # Leaving: valid before, start below the new window.
-        n_out = jnp.clip(floor_div(lo1 - lo0, p), 0, n0)
-        s_out = lo0 + j * p
-        # Entering: valid after, start above the old window's last item.
-        first_new = jnp.where(n0 > 0, jnp.maximum(lo1, lo0 + n0 * p), lo1)
-        n_in = jnp.clip(n1 - floor_div(first_new - lo1, p), 0, n1)
-        s_in = first_new + j * p
-        rows = jnp.arange(self.add_batch_size)[:, None] * s_per_row
-        leaf_out = (rows + (s_out % self.max_length_time_axis) // p).reshape(-1)
-        leaf_in = (rows + (s_in % self.max_length_time_axis) // p).reshape(-1)
-        mask_out = jnp.broadcast_to(j < n_out, (self.add_batch_size, m)).reshape(-1)
-        mask_in = jnp.broadcast_to(j < n_in, (self.add_batch_size, m)).reshape(-1)
-        new_leaf = ps.max_priority ** self.priority_exponent
+        max priority (times `weight_in` `[R * m]`, 0/1, if given: an episode-aware buffer
+        zeroes the windows that cross an episode end); `written` counts the steps per row
+        before the write."""
+        turn = self.turnover(written, a)
+        new_leaf = jnp.full(turn.leaf_in.shape, ps.max_priority ** self.priority_exponent)
+        if weight_in is not None:
+            new_leaf = new_leaf * weight_in
         # Order matters: an entering item may reuse a leaving item's slot; the last write wins.
-        index = jnp.concatenate([leaf_out, leaf_in])
-        mask = jnp.concatenate([mask_out, mask_in])
-        sums = jnp.concatenate([jnp.zeros_like(leaf_out, jnp.float32),
-                                jnp.full(leaf_in.shape, new_leaf, jnp.float32)])
+        index = jnp.concatenate([turn.leaf_out, turn.leaf_in])
+        mask = jnp.concatenate([turn.mask_out, turn.mask_in])
+        sums = jnp.concatenate([jnp.zeros_like(turn.leaf_out, jnp.float32),
+                                new_leaf.astype(jnp.float32)])
         sum_t, min_t = sum_tree.update_sum_min(
             ps.sum_tree, ps.min_tree, self.tree_geometry, index, sums, mask)
         return ps.replace(sum_tree=sum_t, min_tree=min_t)
+
+    def entering_weights(self, state: PrioritisedTrajectoryBufferState, written: Array,
+                         a: int) -> Optional[Array]:
+        """`[R * m]` 0/1 factors of the new items' priority after an add (`state`: after the
+        write), or None (all 1); overridden by the episode-aware core (`episodes.py`)."""
+        return None
 
     # ------------------------------------------------------------------------------- sample
     def can_sample(self, state: PrioritisedTrajectoryBufferState) -> Array:  # type: ignore[override]

@@ -60,6 +60,7 @@ from jax.sharding import PartitionSpec as P
 from flax_replay._src import checks, layout, sum_tree
 from flax_replay._src.buffers import Buffer
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.episodes import EpisodeMethods, EpisodeTrajectoryBufferState
 from flax_replay._src.functions import require_unreplaced
 from flax_replay._src.priorities import (
     PrioritisedCore,
@@ -88,6 +89,8 @@ def _prioritised(core: TrajectoryCore) -> PrioritisedCore:
 
 def _block_to_state(state):
     """A shard's block -> the single-device state of its rows (drop the [1] shard axis)."""
+    if isinstance(state, EpisodeTrajectoryBufferState):
+        return state.replace(window_count=state.window_count[0])
     if isinstance(state, PrioritisedTrajectoryBufferState):
         return state.replace(priority_state=jax.tree.map(lambda x: x[0], state.priority_state))
     return state
@@ -95,6 +98,8 @@ def _block_to_state(state):
 
 def _state_to_block(state):
     """Inverse of `_block_to_state`."""
+    if isinstance(state, EpisodeTrajectoryBufferState):
+        return state.replace(window_count=state.window_count[None])
     if isinstance(state, PrioritisedTrajectoryBufferState):
         return state.replace(priority_state=jax.tree.map(lambda x: x[None], state.priority_state))
     return state
@@ -133,6 +138,9 @@ class ShardedBuffer:
             # Not done yet: the shardings and shard_map blocks would need the memory kind.
             raise ValueError(f"a buffer with memory_kind={self.buffer.core.memory_kind!r} "
                              "cannot be sharded yet; make it with memory_kind=None")
+        if self.episodes and self.sampling == "global":
+            raise ValueError("an episode-aware buffer (episode_end_key) is sharded with "
+                             "sampling='local' only, for now")
         missing = [a for a in layout.axes(self.axis) if a not in self.mesh.shape]
         if missing:
             raise ValueError(f"axis {self.axis!r}: the mesh has no axis {missing[0]!r} "
@@ -158,6 +166,11 @@ class ShardedBuffer:
     @property
     def prioritised(self) -> bool:
         return isinstance(self.buffer.core, PrioritisedCore)
+
+    @property
+    def episodes(self) -> bool:
+        """Whether the buffer is episode-aware: each shard then has its own valid windows."""
+        return isinstance(self.buffer.core, EpisodeMethods)
 
     def _check_batch(self, b: int) -> None:
         if b % self.num_shards:
@@ -204,6 +217,8 @@ class ShardedBuffer:
         return self._regroup(state, None)
 
     def _regroup(self, state: TrajectoryBufferState, num_shards: Optional[int]):
+        if self.episodes:
+            raise ValueError("reshard/unshard: not supported for episode-aware buffers yet")
         where = layout.replicate_trees(state, self.shardings(state), self.mesh)
         return self._regroup_placed(jax.device_put(state, where), num_shards)
 
@@ -245,7 +260,7 @@ class ShardedBuffer:
         """bool `[]`: local sampling needs every shard sampleable, global sampling any."""
         def body(state):
             ok = self.local.can_sample(_block_to_state(state))
-            if not self.prioritised:
+            if not (self.prioritised or self.episodes):
                 return ok  # depends only on the replicated write position
             reduce = jax.lax.pmin if self.sampling == "local" else jax.lax.pmax
             return reduce(ok.astype(jnp.int32), self.axis) > 0

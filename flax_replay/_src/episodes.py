@@ -1,0 +1,380 @@
+"""Episode-aware trajectory buffers: sequences that never cross an episode end, or that are
+padded and masked after it.
+
+`EpisodeOptions(end_key, mode, period)` says where episodes end and which windows are items:
+
+| `sequence_mode`    | a window of L steps starting at absolute time s is an item when ...  |
+|--------------------|-----------------------------------------------------------------------|
+| `"within_episode"` | s is on the `period` grid and no episode ends at s, ..., s + L - 2    |
+| `"padded"`         | s is on the grid or starts an episode (the step s - 1 ended one); the |
+|                    | steps after the first end inside the window are zeros, `mask` False  |
+
+and, in both modes, all L steps are stored (`s >= W - T`, `s + L <= W`), exactly as for a
+buffer without episodes. In `"padded"` mode with `period > 1` an episode may start off the
+grid, so the core keeps one slot per time step (its internal period is 1) and the windows
+off the grid that do not start an episode are simply never valid.
+
+Incremental validity. Each add writes the end flags of its steps (`episode_ends`, and
+`episode_starts` = the previous step ended an episode; the very first step of a row starts
+one) beside the experience, and decides, once, the validity of every window the add
+completes (`Turnover.start_in`): a gather of `L - 1` flags per completed window. The flags
+live in `window_valid` `[num_items]`. A uniform buffer keeps a sum tree of 0/1 over the slots
+(`window_count`) and samples it by inverse CDF, so sampling is uniform over the valid windows
+at O(B log N); a prioritised buffer gives a completed invalid window the leaf 0 instead of the
+max priority and ignores `set_priorities` for it, so its probability is exactly 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Union, cast
+
+import jax
+import jax.numpy as jnp
+
+from flax_replay._src import checks, sum_tree
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.priorities import (
+    PrioritisedCore,
+    PrioritisedSample,
+    PrioritisedTrajectoryBufferState,
+)
+from flax_replay._src.typing import Array, PyTree
+
+SEQUENCE_MODES = ("within_episode", "padded")
+EndKey = Union[str, Callable[[PyTree], Array]]
+
+
+# ------------------------------------------------------------------------------ options
+def _leaf(tree: PyTree, key: str) -> Optional[Any]:
+    if isinstance(tree, dict) or hasattr(tree, "keys") and hasattr(tree, "get"):
+        return tree.get(key)
+    return getattr(tree, key, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeOptions:
+    """Where episodes end, and which windows are items (see the module docstring).
+
+    end_key: the name of a top-level bool leaf (shape `[]` per step) that is True on the last
+      step of an episode, or a function `step -> bool[]` of one step.
+    mode: "within_episode" or "padded".
+    period: the user's `period` (the grid windows start on).
+    """
+
+    end_key: EndKey
+    mode: str = "within_episode"
+    period: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in SEQUENCE_MODES:
+            raise ValueError(
+                f"sequence_mode must be 'within_episode' or 'padded', got {self.mode!r}")
+        if not (isinstance(self.end_key, str) or callable(self.end_key)):
+            raise ValueError(
+                "episode_end_key must be the name of a bool leaf or a function step -> bool[], "
+                f"got {self.end_key!r}")
+        checks.positive_int("period", self.period)
+
+    @property
+    def padded(self) -> bool:
+        return self.mode == "padded"
+
+    def check_experience(self, experience: PyTree) -> None:
+        """ValueError unless the end signal of one example step is a bool scalar."""
+        if isinstance(self.end_key, str):
+            leaf = _leaf(experience, self.end_key)
+            if leaf is None:
+                raise ValueError(
+                    f"episode_end_key {self.end_key!r} is not a top-level leaf of the experience")
+            what = f"episode_end_key {self.end_key!r}"
+        else:
+            leaf = jax.eval_shape(self.end_key, experience)
+            what = "episode_end_key (the function's result)"
+        if not hasattr(leaf, "shape"):
+            leaf = jnp.asarray(leaf)
+        if jnp.result_type(leaf) != jnp.bool_:
+            raise ValueError(f"{what} must be bool, got {jnp.result_type(leaf)}")
+        if tuple(leaf.shape) != ():
+            raise ValueError(
+                f"{what} must have shape () per step (one flag per step), got {tuple(leaf.shape)}")
+
+    def flags(self, steps: PyTree, n_axes: int) -> Array:
+        """bool `[*prefix]`: the end flag of every step of `steps` (leaves `[*prefix, ...]`,
+        `n_axes` leading axes)."""
+        if isinstance(self.end_key, str):
+            return jnp.asarray(_leaf(steps, self.end_key), bool)
+        fn = self.end_key
+        for _ in range(n_axes):
+            fn = jax.vmap(fn)
+        return jnp.asarray(fn(steps), bool)
+
+
+def real_steps(ends: Array) -> Array:
+    """bool `[..., L]`: True up to and including the first end of each window `ends`
+    `[..., L]` (the steps of the window's own episode), False after it (padding)."""
+    # The first end's position by a reduction: a cumulative sum lowers to a reduce-window
+    # that XLA:CPU runs several times slower than the rest of a sample.
+    l = ends.shape[-1]
+    first = jnp.min(jnp.where(ends, jnp.arange(l), l), axis=-1, keepdims=True)
+    return jnp.arange(l) <= first
+
+
+# -------------------------------------------------------------------------------- state
+class EpisodeTrajectoryBufferState(TrajectoryBufferState):
+    """A uniform episode-aware state (all in collection "replay").
+
+    episode_ends / episode_starts: bool `[add_batch_size, max_length_time_axis]`, per stored
+      step: it ends an episode / it starts one.
+    window_valid: bool `[num_items]`, the episode validity of the window in each slot, decided
+      when the window was completed.
+    window_count: float32 sum tree (`[num_nodes]`) over the slots, 1 for a valid stored window.
+    """
+
+    episode_ends: Array
+    episode_starts: Array
+    window_valid: Array
+    window_count: Array
+
+
+class PrioritisedEpisodeTrajectoryBufferState(PrioritisedTrajectoryBufferState):
+    """A prioritised episode-aware state: the prioritised fields and `episode_ends`,
+    `episode_starts`, `window_valid` (as the uniform one) in "replay"."""
+
+    episode_ends: Array
+    episode_starts: Array
+    window_valid: Array
+
+
+class EpisodeSample(Sample):
+    """A `"padded"` sample: `experience` `[B, L, ...]` (zeros after the first episode end of
+    each sequence) and `mask` bool `[B, L]`, True for real steps."""
+
+    mask: Array
+
+
+class PrioritisedEpisodeSample(PrioritisedSample):
+    """A prioritised `"padded"` sample: the prioritised fields and `mask` bool `[B, L]`."""
+
+    mask: Array
+
+
+# ------------------------------------------------------------------------------- cores
+class EpisodeMethods:
+    """What an episode-aware core adds to `TrajectoryCore` / `PrioritisedCore` (a mixin: the
+    storage, the period grid and the priorities stay the parent's)."""
+
+    episodes: EpisodeOptions
+    # Provided by the core the mixin is combined with.
+    add_batch_size: int
+    max_length_time_axis: int
+    min_length_time_axis: int
+    sample_sequence_length: int
+    period: int
+    num_items: int
+
+    def _episode_fields(self) -> dict[str, Array]:
+        shape = (self.add_batch_size, self.max_length_time_axis)
+        return dict(episode_ends=jnp.zeros(shape, bool), episode_starts=jnp.zeros(shape, bool),
+                    window_valid=jnp.zeros((self.num_items,), bool))
+
+    def _write_flags(self, state: Any, rows: PyTree, written: Array) -> dict[str, Array]:
+        """The end/start flags of the new steps `rows` `[R, A, ...]` written at the write head."""
+        t = self.max_length_time_axis
+        ends = self.episodes.flags(rows, 2)
+        a = ends.shape[1]
+        time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
+        last = (state.current_index - 1) % t  # the previous step, kept by any add of a < T
+        old_ends = state.episode_ends
+        new_ends = old_ends.at[:, time].set(ends, unique_indices=True)
+        # Read the previous step's flag from the written array: reading the old one first
+        # would make XLA copy the whole flag array on every add instead of writing in place.
+        prev = (old_ends if a == t else new_ends)[:, last] | (written == 0)
+        starts = jnp.concatenate([prev[:, None], ends[:, :-1]], axis=1)
+        return dict(
+            episode_ends=new_ends,
+            episode_starts=state.episode_starts.at[:, time].set(starts, unique_indices=True),
+        )
+
+    def _window_ok(self, state: Any, start: Array) -> Array:
+        """bool `[R, m]`: the episode validity of the windows starting at absolute times
+        `start` `[m]` in every row, from the stored flags (all their steps are stored)."""
+        t, l = self.max_length_time_axis, self.sample_sequence_length
+        if self.episodes.padded:
+            on_grid = (start % self.episodes.period == 0)[None, :]
+            return on_grid | state.episode_starts[:, start % t]
+        if l == 1:
+            return jnp.ones((self.add_batch_size, start.shape[0]), bool)
+        time = (start[:, None] + jnp.arange(l - 1)) % t  # [m, L - 1]
+        return ~jnp.any(state.episode_ends[:, time], axis=-1)
+
+    def _entering(self, state: Any, written: Array, a: int):
+        """The turnover of an add of `a` steps and the validity `[R * m]` of the windows it
+        completes; `state` is the state after the write."""
+        turn = cast(TrajectoryCore, self).turnover(written, a)
+        ok = self._window_ok(state, turn.start_in).reshape(-1)
+        valid = state.window_valid.at[turn.leaf_in].set(
+            jnp.where(turn.mask_in, ok, state.window_valid[turn.leaf_in]))
+        return turn, ok, valid
+
+    def check_can_sample(self, state: Any) -> None:
+        checks.value_check(
+            self.can_sample(state),  # type: ignore[attr-defined]
+            "sample: the buffer cannot be sampled yet: no valid sequence exists yet ({steps} "
+            "steps per row written; min_length_time_axis="
+            + str(self.min_length_time_axis) + ", sequence length "
+            + str(self.sample_sequence_length) + ", sequence_mode=" + repr(self.episodes.mode)
+            + ("; in this mode a window that crosses an episode end is never valid, so "
+               "episodes shorter than the sequence length are never sampled"
+               if not self.episodes.padded
+               else "") + "); check can_sample(state) first",
+            steps=self.written(state),  # type: ignore[attr-defined]
+        )
+
+    def with_mask(self, out: Sample) -> Sample:
+        """`out` with padding zeroed and `mask` `[B, L]` added (`"padded"` mode), or as is."""
+        if not self.episodes.padded:
+            return out
+        mask = real_steps(self.episodes.flags(out.experience, 2))
+
+        def zero(x: Array) -> Array:
+            m = mask.reshape(mask.shape + (1,) * (x.ndim - 2))
+            return jnp.where(m, x, jnp.zeros_like(x))
+
+        fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+        fields["experience"] = jax.tree.map(zero, out.experience)
+        kind = PrioritisedEpisodeSample if isinstance(out, PrioritisedSample) else EpisodeSample
+        return kind(mask=mask, **fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeCore(EpisodeMethods, TrajectoryCore):
+    """A uniform trajectory core whose items respect episodes (see the module docstring)."""
+
+    episodes: EpisodeOptions = EpisodeOptions("done")
+
+    @property
+    def count_geometry(self) -> sum_tree.Geometry:
+        return sum_tree.geometry(self.num_items)
+
+    def init(self, experience: PyTree) -> EpisodeTrajectoryBufferState:
+        self.episodes.check_experience(experience)
+        base = TrajectoryCore.init(self, experience)
+        return EpisodeTrajectoryBufferState(
+            experience=base.experience, current_index=base.current_index, is_full=base.is_full,
+            window_count=sum_tree.init(self.count_geometry, 0.0), **self._episode_fields())
+
+    def add(self, state: EpisodeTrajectoryBufferState, rows: PyTree,  # type: ignore[override]
+            what: str = "add") -> EpisodeTrajectoryBufferState:
+        written = self.written(state)
+        new = TrajectoryCore.add(self, state, rows, what)
+        new = new.replace(**self._write_flags(state, rows, written))
+        turn, ok, valid = self._entering(new, written, self.steps_in(rows, what))
+        index = jnp.concatenate([turn.leaf_out, turn.leaf_in])
+        mask = jnp.concatenate([turn.mask_out, turn.mask_in])
+        values = jnp.concatenate([jnp.zeros(turn.leaf_out.shape, jnp.float32),
+                                  ok.astype(jnp.float32)])
+        (count,) = sum_tree.update((state.window_count,), self.count_geometry, index,
+                                   (values,), mask, ("sum",))
+        return cast(EpisodeTrajectoryBufferState,
+                    new.replace(window_valid=valid, window_count=count))
+
+    def can_sample(self, state: EpisodeTrajectoryBufferState) -> Array:  # type: ignore[override]
+        return TrajectoryCore.can_sample(self, state) & (sum_tree.root(state.window_count) > 0)
+
+    def uniform_items(self, state: EpisodeTrajectoryBufferState,  # type: ignore[override]
+                      rng_key: Array, b: int) -> tuple[Array, Array]:
+        """`(row, start)` `[b]`: valid windows drawn uniformly (inverse CDF of the 0/1 tree)."""
+        total = sum_tree.root(state.window_count)
+        u = jax.random.uniform(rng_key, (b,), jnp.float32)
+        leaf = sum_tree.sample(state.window_count, self.count_geometry, u * total)
+        return leaf // self.slots_per_row, leaf % self.slots_per_row * self.period
+
+    def sample(self, state: EpisodeTrajectoryBufferState,  # type: ignore[override]
+               rng_key: Array, batch_size: Optional[int] = None) -> Sample:
+        return self.with_mask(TrajectoryCore.sample(self, state, rng_key, batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrioritisedEpisodeCore(EpisodeMethods, PrioritisedCore):
+    """A prioritised trajectory core whose items respect episodes: an invalid window's leaf
+    is 0 from the add that completes it, and `set_priorities` leaves it 0."""
+
+    episodes: EpisodeOptions = EpisodeOptions("done")
+
+    def init(self, experience: PyTree) -> PrioritisedEpisodeTrajectoryBufferState:
+        self.episodes.check_experience(experience)
+        base = PrioritisedCore.init(self, experience)
+        fields: dict[str, Any] = {f.name: getattr(base, f.name)
+                                  for f in dataclasses.fields(base)}
+        fields.update(self._episode_fields())
+        return PrioritisedEpisodeTrajectoryBufferState(**fields)
+
+    def add(self, state: PrioritisedEpisodeTrajectoryBufferState,  # type: ignore[override]
+            rows: PyTree, what: str = "add") -> PrioritisedEpisodeTrajectoryBufferState:
+        # The flags are written first, so that `entering_weights` (called by the parent's add
+        # after its write) sees them.
+        flagged = state.replace(**self._write_flags(state, rows, state.running_index))
+        new = PrioritisedCore.add(self, flagged, rows, what)
+        _, _, valid = self._entering(new, state.running_index, self.steps_in(rows, what))
+        return cast(PrioritisedEpisodeTrajectoryBufferState, new.replace(window_valid=valid))
+
+    def entering_weights(self, state: PrioritisedTrajectoryBufferState,
+                         written: Array, a: int) -> Array:
+        return self._entering(state, written, a)[1].astype(jnp.float32)
+
+    def sample(self, state: PrioritisedEpisodeTrajectoryBufferState,  # type: ignore[override]
+               rng_key: Array, batch_size: Optional[int] = None) -> PrioritisedSample:
+        return cast(PrioritisedSample,
+                    self.with_mask(PrioritisedCore.sample(self, state, rng_key, batch_size)))
+
+    def set_priorities(self, state: PrioritisedEpisodeTrajectoryBufferState,  # type: ignore[override]
+                       indices: Array, priorities: Array, versions: Optional[Array] = None,
+                       mask: Optional[Array] = None) -> PrioritisedEpisodeTrajectoryBufferState:
+        """As `PrioritisedCore.set_priorities`; updates of windows that cross an episode end
+        are skipped (their leaf stays 0, they never raise the max priority). Bad indices and
+        priorities are still checked."""
+        idx, p, _ = self._checked_update(indices, priorities, versions)
+        safe = jnp.clip(idx, 0, self.num_items - 1)
+        bad = (idx < 0) | (idx >= self.num_items) | ~jnp.isfinite(p) | (p < 0)
+        keep = state.window_valid[safe] | bad
+        if mask is not None:
+            keep = keep & jnp.asarray(mask, bool)
+        return cast(PrioritisedEpisodeTrajectoryBufferState,
+                    PrioritisedCore.set_priorities(self, state, indices, priorities, versions,
+                                                   keep))
+
+
+def episode_core(core: TrajectoryCore, episodes: Optional[EpisodeOptions]) -> TrajectoryCore:
+    """`core` made episode-aware by `episodes` (None: `core` itself, today's behaviour). In
+    `"padded"` mode the core's own period becomes 1 (episode starts may lie off the grid)."""
+    if episodes is None:
+        return core
+    fields = {f.name: getattr(core, f.name) for f in dataclasses.fields(core)}
+    if episodes.padded:
+        fields["period"] = 1
+    kind = PrioritisedEpisodeCore if isinstance(core, PrioritisedCore) else EpisodeCore
+    return kind(**fields, episodes=episodes)
+
+
+def sequence_priorities(td_errors: Array, mask: Optional[Array] = None,
+                        eta: float = 0.9) -> Array:
+    """R2D2's sequence priority `eta * max_t |td| + (1 - eta) * mean_t |td|` over the real
+    steps of each sequence.
+
+    td_errors: `[B, L]` TD errors (their absolute values are used).
+    mask: optional bool `[B, L]`, True for real steps (a padded sample's `mask`); a sequence
+      with no real step gets priority 0.
+    Returns float32 `[B]`, ready for `set_priorities`.
+    """
+    td = jnp.abs(jnp.asarray(td_errors, jnp.float32))
+    if td.ndim != 2:
+        raise ValueError(f"sequence_priorities: td_errors must be [B, L], got {td.shape}")
+    m = jnp.ones(td.shape, bool) if mask is None else jnp.asarray(mask, bool)
+    if m.shape != td.shape:
+        raise ValueError(
+            f"sequence_priorities: mask {m.shape} must match td_errors {td.shape}")
+    n = jnp.sum(m, axis=1)
+    peak = jnp.max(jnp.where(m, td, 0.0), axis=1)
+    mean = jnp.sum(jnp.where(m, td, 0.0), axis=1) / jnp.maximum(n, 1)
+    return jnp.where(n > 0, eta * peak + (1.0 - eta) * mean, 0.0)
