@@ -301,9 +301,10 @@ class Vault:
         a time axis of steps went by since the last write: they are lost. A prioritised
         state counts its steps (`running_index`), so this is exact; for a uniform state pass
         `written=` (steps per row ever added) to have it exact, else only a wrap seen from a
-        not-yet-full buffer is caught. An explicit `source_interval=(a, b)` writes time
-        indices a..b of the buffer (wrapping past the end if b < a) at `dest_start` (default:
-        the end of the vault), as Flashbax does.
+        not-yet-full buffer is caught, and a full buffer must be written at least every T - 1
+        steps (after exactly T it looks as it did: nothing new). An explicit
+        `source_interval=(a, b)` writes time indices a..b of the buffer (wrapping past the end
+        if b < a) at `dest_start` (default: the end of the vault), as Flashbax does.
 
         `buffer=` the `PrioritisedBuffer` of a prioritised state: its priorities are saved
         too (unless `save_priorities=False`), the value of each stored item at the vault
