@@ -16,6 +16,7 @@ faster). Writes benchmarks/results/cpprb.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -57,13 +58,20 @@ def cpprb_arm(capacity: int, rng: np.random.Generator) -> dict:
     for _ in range(capacity // 1000):
         rb.add(obs=rng.random((1000, ITEM), np.float32))
     one, many = rng.random((1, ITEM), np.float32), rng.random((128, ITEM), np.float32)
-    idx = rng.integers(0, capacity, SAMPLE)
-    p = rng.random(SAMPLE) + 0.1
+    # A new set of random indices at each call, as flax_replay's scan has (the same 256
+    # indices every time would keep their tree paths in cache).
+    pool = [(rng.integers(0, capacity, SAMPLE), rng.random(SAMPLE) + 0.1) for _ in range(64)]
+    turn = itertools.count()
+
+    def update():
+        idx, p = pool[next(turn) % len(pool)]
+        rb.update_priorities(idx, p)
+
     return {
         "add 1": lambda: rb.add(obs=one),
         "add 128": lambda: rb.add(obs=many),
         "sample 256": lambda: rb.sample(SAMPLE, beta=0.4),
-        "set_priorities 256": lambda: rb.update_priorities(idx, p),
+        "set_priorities 256": update,
     }
 
 
