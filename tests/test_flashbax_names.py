@@ -100,3 +100,39 @@ def test_flashbax_names_exist_under_flax_replay(suffix):
     assert set(absent) <= names, sorted(set(absent) - names)
     present = sorted(n for n in absent if hasattr(ours, n))
     assert not present, f"listed as absent but present: {present}"
+
+
+def test_module_functions_agree_with_flashbax():
+    """The module-level functions with Flashbax's signatures, on the same data: the queue is
+    deterministic (same contents), the trajectory buffer's sample is random (same shapes,
+    and every sampled sequence is a stored one starting on the period grid)."""
+    import jax
+    import numpy as np
+
+    import flax_replay as fr
+
+    fb = flashbax
+    example = {"x": np.zeros((2,), np.float32)}
+    data = {"x": np.arange(2 * 6 * 2, dtype=np.float32).reshape(2, 6, 2)}
+    for lib in (fb, fr):
+        q = lib.trajectory_queue
+        s = q.add(q.init(example, 2, 8), data)
+        assert bool(q.can_sample(s, 4, 8)) and not bool(q.can_add(s, 4, 8))
+        s, out = q.sample(s, 4)
+        np.testing.assert_array_equal(np.asarray(out.experience["x"]), data["x"][:, :4])
+        assert not bool(q.can_sample(s, 4, 8))
+        t = lib.trajectory_buffer
+        st = t.add(t.init(example, 2, 8), data)
+        assert not bool(t.can_sample(st, 7)) and bool(t.can_sample(st, 6))
+        np.testing.assert_array_equal(np.asarray(lib.utils.get_timestep_count(st)), 12)
+        smp = t.sample(st, jax.random.PRNGKey(0), 5, 3, 2)
+        seqs = np.asarray(smp.experience["x"])
+        assert seqs.shape == (5, 3, 2)
+        if lib is fr:  # our grid: starts at 0, 2 (a sequence of 3 must end by step 6)
+            for seq in seqs:
+                row, start = divmod(int(seq[0, 0]) // 2, 6)
+                assert start % 2 == 0
+                np.testing.assert_array_equal(seq, data["x"][row, start:start + 3])
+    assert fr.utils.get_tree_shape_prefix(data, 2) == fb.utils.get_tree_shape_prefix(data, 2)
+    f = fr.utils.add_dim_to_args(lambda s, x: x["x"].shape)
+    assert f(None, data) == fb.utils.add_dim_to_args(lambda s, x: x["x"].shape)(None, data)
