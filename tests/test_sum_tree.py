@@ -524,13 +524,13 @@ def test_cpu_serial_and_batched_updates_store_identical_bits(branching):
     rng = np.random.default_rng(branching)
     serial = jax.jit(sum_tree._update_sum_min_serial, static_argnames="geo")
     batched = jax.jit(sum_tree._update_sum_min_batched, static_argnames="geo")
-    for n in (5, 83, 4097, 100_003):
+    for n in (83, 30_001):  # the loop runs on trees of up to 2**15 leaves
         geo = sum_tree.geometry(n, branching)
         values = jnp.asarray(rng.exponential(size=n).astype(np.float32))
         everything = (jnp.arange(n), values, jnp.ones(n, bool))
         start = batched(sum_tree.init(geo, 0.0), sum_tree.init(geo, jnp.inf), *everything,
                         geo=geo)
-        for b in (3, 64, 257):
+        for b in (3, 16):
             index = rng.integers(-3, n + 3, size=b)
             index[: b // 3] = index[b // 3 : 2 * (b // 3)]  # duplicates
             value = (rng.exponential(size=b) * (rng.random(b) < 0.8)).astype(np.float32)
