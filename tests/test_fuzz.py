@@ -13,15 +13,15 @@ priorities, or indices of the wrong rank. After every step:
   item is a valid item holding exactly its data.
 
 Each view's operations are jitted with `checkify` (compiled once per buffer kind and view and
-cached), so a value check raises as it would eagerly. Saves and damaged restores are the
-checkpoint tests' business (tests/test_checkpoint.py).
+cached), so a value check raises as it would eagerly. `_run` also takes a `checkpoint` step
+(saves, intact and damaged restores; tests/test_fuzz_checkpoint.py), mixed into the operations.
 """
 
 from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -211,7 +211,10 @@ GOOD_PRIORITIES = [0.0, 0.5, 1.0, 2.5, 7.25]
 SUBNORMAL = 1e-45
 
 
-def _run(kind: str, view: str, seed: int, data) -> None:
+def _run(kind: str, view: str, seed: int, data,
+         checkpoint: Optional[Callable[..., Any]] = None) -> None:
+    """`checkpoint(case, view, ops, v, data) -> v`, if given, is one more operation (also run
+    once at the end): it returns the view's state to carry on with."""
     case = KINDS[kind](seed)
     buffer, m = case.buffer, case.model
     prioritised = hasattr(buffer, "set_priorities")
@@ -222,9 +225,13 @@ def _run(kind: str, view: str, seed: int, data) -> None:
     for _ in range(data.draw(st.integers(8, 16), label="number of operations")):
         op = data.draw(st.sampled_from(
             ["add", "add", "bad_add", "sample", "bad_sample"]
-            + (["set", "set", "bad_set"] if prioritised else [])), label="op")
+            + (["set", "set", "bad_set"] if prioritised else [])
+            + (["checkpoint"] if checkpoint else [])), label="op")
         before = _snapshot(v)
-        if op in ("add", "bad_add"):
+        if op == "checkpoint":
+            assert checkpoint is not None
+            v = checkpoint(case, view, ops, v, data)
+        elif op in ("add", "bad_add"):
             shape = data.draw(st.sampled_from(case.batch_shapes), label="add shape")
             ids = case.steps.new(shape)
             batch = case.steps.tree(ids)
@@ -302,6 +309,9 @@ def _run(kind: str, view: str, seed: int, data) -> None:
             model_values = [FLOAT32_TINY if 0 < x < FLOAT32_TINY else float(x) for x in values]
             m.set_priorities(indices.tolist(), model_values,
                              None if versions is None else versions.tolist())
+        _check(case, ops, v)
+    if checkpoint is not None:
+        v = checkpoint(case, view, ops, v, data)
         _check(case, ops, v)
 
 
