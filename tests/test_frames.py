@@ -303,3 +303,25 @@ def test_sharded_buffer_samples_stacks():
         assert t >= 3
         want = np.moveaxis(frames_of(ids[r, t - 3:t + 1]), 0, -1)
         np.testing.assert_array_equal(exp.first["obs"][b], want)
+
+
+def test_n_step_frame_stack_zeroes_frames_before_an_episode_start():
+    """With `episode_end_key`, an n-step buffer's stacks never show a previous episode's
+    frames: those positions are zeros. Flat buffers refuse the combination for now."""
+    buf = fbx.make_n_step_buffer(max_length=16, min_length=4, sample_batch_size=16, n_step=1,
+                                 frame_stack={"obs": 3}, episode_end_key="done",
+                                 reward_key="reward", done_key=None)
+    state = buf.init({"obs": jnp.zeros((2,)), "reward": jnp.zeros(()),
+                      "done": jnp.zeros((), bool)})
+    for t in range(1, 11):  # episodes: steps 1-3, 4-7, 8-10
+        state = buf.add(state, {"obs": jnp.full((2,), t, jnp.float32),
+                                "reward": jnp.float32(t), "done": jnp.asarray(t in (3, 7))})
+    stacks = np.asarray(buf.sample(state, jax.random.key(0)).experience.first["obs"])[:, 0]
+    episode = {t: (1 if t <= 3 else 2 if t <= 7 else 3) for t in range(1, 11)}
+    for stack in stacks:
+        last = int(stack[-1])
+        want = [t if t >= 1 and episode[t] == episode[last] else 0
+                for t in range(last - 2, last + 1)]
+        np.testing.assert_array_equal(stack, want)
+    with pytest.raises(ValueError, match="frame_stack with episode_end_key"):
+        fbx.make_flat_buffer(16, 4, 4, frame_stack={"obs": 2}, episode_end_key="done")
