@@ -17,9 +17,9 @@ oldest frame. Every other key is read at steps t .. t + n only (the n-step retur
 
 Episode starts. Frames before the first step of the transition's episode are zeros when the
 per-step episode-end flags are known (`ends_key`: 1 where the episode ended after the step,
-the `done` convention of the n-step returns): `stack_frames` takes those flags. The factories
-do not set `ends_key` yet (the buffers' `episode_end_key` is issue 14's); without it a stack
-may span an episode boundary.
+the `done` convention of the n-step returns): `stack_frames` takes those flags. The n-step
+factories set `ends_key` from their `episode_end_key` (a leaf's name); the flat factories refuse
+the combination for now; without it a stack may span an episode boundary.
 """
 
 from __future__ import annotations
