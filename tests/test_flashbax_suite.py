@@ -53,8 +53,7 @@ _PRIORITISED_FUNCTIONS = (
     "`prioritised_trajectory_buffer` (use the factory); listed in tests/test_flashbax_names.py"
 )
 INTENDED_FAILURES: list[tuple[str, str, str]] = [
-    ("prioritised_flat_buffer_test::test_prioritised_flat_buffer_does_not_smoke",
-     "cannot be sampled yet", _EARLY),
+    ("prioritised_flat_buffer_test::test_adjust_priorities", "cannot be sampled yet", _EARLY),
     ("prioritised_flat_buffer_test::", "max_recorded_priority", _MAX_RECORDED),
     ("prioritised_item_buffer_test::", "max_recorded_priority", _MAX_RECORDED),
     ("prioritised_trajectory_buffer_test::", "max_recorded_priority", _MAX_RECORDED),
