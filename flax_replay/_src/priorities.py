@@ -10,7 +10,7 @@ only. An item is drawn with probability `leaf / total`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, cast
+from typing import NamedTuple, Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,23 @@ class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
 
     running_index: Array
     priority_state: PriorityState
+
+    @property
+    def sum_tree_state(self) -> SumTreeStateView:
+        """Read-only view under Flashbax's field name (a property: not part of the pytree)."""
+        return SumTreeStateView(nodes=self.priority_state.sum_tree)
+
+
+class SumTreeStateView(NamedTuple):
+    """What Flashbax's `sum_tree_state` offers that our tree can answer.
+
+    nodes: float32 `[num_nodes]`, our exact 4-ary tree's flat levels, root first, so `nodes[0]`
+      is the total priority as in Flashbax (the other nodes are laid out differently).
+    Flashbax's `max_recorded_priority` is absent: it is `max_priority ** priority_exponent`, and
+    the exponent belongs to the buffer, not the state (`priority_state.max_priority` is raw).
+    """
+
+    nodes: Array
 
 
 class PrioritisedSample(Sample):
