@@ -35,6 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.checkpoint_io import _evict, _size  # noqa: E402
 from flax_replay import TrajectoryBufferState  # noqa: E402
 from flax_replay.vault import Vault  # noqa: E402
 
@@ -54,21 +55,6 @@ def make_state(mib: float) -> tuple[TrajectoryBufferState, int]:
     state = TrajectoryBufferState(experience=exp, current_index=jnp.int32(0),
                                   is_full=jnp.bool_(True))
     return state, sum(x.nbytes for x in jax.tree.leaves(exp))
-
-
-def _evict(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _size(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def _sync_dir(directory: Path) -> None:
