@@ -524,7 +524,7 @@ def test_cpu_serial_and_batched_updates_store_identical_bits(branching):
     rng = np.random.default_rng(branching)
     serial = jax.jit(sum_tree._update_sum_min_serial, static_argnames="geo")
     batched = jax.jit(sum_tree._update_sum_min_batched, static_argnames="geo")
-    for n in (83, 30_001):  # the loop runs on trees of up to 2**15 leaves
+    for n in (83, 4_001):  # the loop runs on trees of up to 2**12 leaves
         geo = sum_tree.geometry(n, branching)
         values = jnp.asarray(rng.exponential(size=n).astype(np.float32))
         everything = (jnp.arange(n), values, jnp.ones(n, bool))

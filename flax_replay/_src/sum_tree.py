@@ -128,10 +128,11 @@ DENSE_FACTOR = 4
 
 # On CPU, writes of up to SERIAL_MAX_BATCH entries into trees of up to SERIAL_MAX_LEAVES leaves
 # go entry by entry in a loop (`_update_sum_min_serial`); elsewhere the batched path runs.
-# Measured (scan and single call, 2e3-2e4 leaves, loaded machine): 0.45-0.75x the batched
-# path's time for 4-16 entries, 1.1-2.4x for 64-256 (the batched gathers overlap their reads).
+# Measured (scan and single call, loaded machine): at 2e3 leaves 0.42-0.73x the batched path's
+# time for 4-16 entries but 1.1-1.2x for 64-256 (the batched gathers overlap their reads); at
+# 2e4 leaves 0.96-1.33x even for 4-16 entries, hence both bounds.
 SERIAL_MAX_BATCH = 16
-SERIAL_MAX_LEAVES = 1 << 15
+SERIAL_MAX_LEAVES = 1 << 12
 
 # Writes of at most SMALL_BATCH entries (an add of one step to one row) go entry by entry
 # with dynamic slices instead of gathers and scatters: for so few entries the batched
