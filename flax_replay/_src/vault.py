@@ -482,17 +482,25 @@ class Vault:
 
     def read_interval(self, start: int, stop: int) -> PyTree:
         """Experience (NumPy leaves `[B, stop - start, *item_shape]`) of vault steps start..stop."""
+        self._check_interval(start, stop)
+        return self._collect([store[:, start:stop].read() for store in self._stores],
+                             "(damaged?)")
+
+    def _check_interval(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.vault_index:
             raise VaultError(f"vault {self._base_path}: interval [{start}, {stop}) is outside "
                              f"the {self.vault_index} steps written")
-        futures = [store[:, start:stop].read() for store in self._stores]
+
+    def _collect(self, futures: list, where: str) -> PyTree:
+        """The experience tree from one pending TensorStore read per leaf; a failed read is a
+        VaultError naming the leaf."""
         out = []
         for spec, fut in zip(self._specs, futures):
             try:
                 out.append(fut.result())
             except Exception as e:
                 raise VaultError(f"vault {self._base_path}: leaf {spec.name!r} cannot be read "
-                                 f"(damaged?): {e}") from None
+                                 f"{where}: {e}") from None
         return jax.tree_util.tree_unflatten(self._treedef, out)
 
     def read(self, timesteps: Optional[int] = None,
@@ -514,9 +522,7 @@ class Vault:
         if steps < 1:
             raise VaultError(f"vault {self._base_path}: iter_chunks needs steps >= 1, got {steps}")
         stop = self.vault_index if stop is None else stop
-        if not 0 <= start <= stop <= self.vault_index:
-            raise VaultError(f"vault {self._base_path}: interval [{start}, {stop}) is outside "
-                             f"the {self.vault_index} steps written")
+        self._check_interval(start, stop)
         bounds = list(range(start, stop, steps))
         pending = [s[:, bounds[0]:min(bounds[0] + steps, stop)].read()
                    for s in self._stores] if bounds else []
@@ -525,14 +531,7 @@ class Vault:
             if i + 1 < len(bounds):
                 nlo = bounds[i + 1]
                 pending = [s[:, nlo:min(nlo + steps, stop)].read() for s in self._stores]
-            out = []
-            for spec, fut in zip(self._specs, current):
-                try:
-                    out.append(fut.result())
-                except Exception as e:
-                    raise VaultError(f"vault {self._base_path}: leaf {spec.name!r} cannot be "
-                                     f"read at steps {lo}..: {e}") from None
-            yield jax.tree_util.tree_unflatten(self._treedef, out)
+            yield self._collect(current, f"at steps {lo}..")
 
     def read_priorities(self, start: int, stop: int) -> Optional[np.ndarray]:
         """Saved leaf values `[B, stop - start]` (NaN: no item starts there), or None."""
