@@ -71,14 +71,16 @@ def _leaves(state) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _evict(directory: Path) -> None:
-    """Drops the files' pages from the page cache, so the next read comes from the disk."""
+def _evict(directory: Path, drop: bool = True) -> None:
+    """fsyncs every file and (`drop`) drops its pages from the page cache, so the next read
+    comes from the disk."""
     for path in directory.rglob("*"):
         if path.is_file():
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                if drop:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
 
