@@ -4,12 +4,14 @@ and verified at restore, the buffer's invariants checked on what was read, old c
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import logging
 import shutil
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -340,3 +342,32 @@ def test_truncated_step_is_one_error_without_orbax_tracebacks(saved, tmp_path):
     finally:
         sys.unraisablehook = previous
     assert not seen, [str(u.exc_value)[:200] for u in seen]
+
+
+def _unraisable(exc: BaseException, obj=None):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                 exc_traceback=exc.__traceback__, err_msg=None, object=obj)
+
+
+def test_only_late_read_callbacks_on_a_closed_loop_are_muted():
+    """After a failed restore, a read Orbax abandoned may finish on TensorStore's thread once
+    Orbax's loop is closed; its callback's "Event loop is closed" is muted, and nothing that
+    merely looks like it."""
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(lambda: None)
+    except RuntimeError as e:
+        late = e
+    assert ckpt_impl._is_orbax_read(_unraisable(late))
+    assert not ckpt_impl._is_orbax_read(_unraisable(late, obj=object()))
+    try:
+        raise RuntimeError("Event loop is closed")
+    except RuntimeError as e:
+        elsewhere = e
+    assert not ckpt_impl._is_orbax_read(_unraisable(elsewhere))
+    try:
+        loop.run_until_complete(asyncio.sleep(0))
+    except RuntimeError as e:
+        other = e
+    assert not ckpt_impl._is_orbax_read(_unraisable(other))

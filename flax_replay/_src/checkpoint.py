@@ -205,7 +205,27 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
 
 def _is_orbax_read(unraisable: Any) -> bool:
     code = getattr(unraisable.object, "cr_code", None)
-    return code is not None and "orbax" in code.co_filename
+    if code is not None:
+        return "orbax" in code.co_filename
+    return _is_late_read_callback(unraisable)
+
+
+def _is_late_read_callback(unraisable: Any) -> bool:
+    """A TensorStore read that an abandoned restore left running finishes after Orbax closed
+    its event loop: the read's done-callback (run on TensorStore's thread, so with no Python
+    object to name) calls `loop.call_soon_threadsafe` and gets "Event loop is closed". Only
+    exactly that is matched: a RuntimeError with that message raised by asyncio's
+    `_check_closed` inside `call_soon_threadsafe`."""
+    if unraisable.object is not None or not isinstance(unraisable.exc_value, RuntimeError):
+        return False
+    if str(unraisable.exc_value) != "Event loop is closed":
+        return False
+    frames = []
+    tb = unraisable.exc_traceback
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return frames[-2:] == ["call_soon_threadsafe", "_check_closed"]
 
 
 def _release_failed_reads(err: BaseException) -> None:
@@ -218,8 +238,9 @@ def _release_failed_reads(err: BaseException) -> None:
     TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
     cause chain are dropped (the exceptions and their messages are kept) and the coroutines
     are collected now. One still held by Orbax's own thread may be collected later, so from
-    the first failed read on, `sys.unraisablehook` mutes exactly these (Orbax coroutines)
-    and passes everything else to the hook it wraps.
+    the first failed read on, `sys.unraisablehook` mutes exactly these (Orbax coroutines, and
+    the done-callbacks of reads that finish after Orbax closed its event loop) and passes
+    everything else to the hook it wraps.
     """
     seen: set[int] = set()
     e: Optional[BaseException] = err
