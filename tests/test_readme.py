@@ -19,6 +19,7 @@ def test_readme_snippets_run():
 def test_readme_commands_match_ci():
     text = README.read_text()
     ci = (README.parent / ".ci" / "run").read_text()
-    assert 'pip install -e ".[test]" && python -m pytest' in text
-    assert "python -m pytest" in ci and '".[test]"' in ci
+    command = re.search(r'pip install -e "\.\[test\]" && (python -m pytest[^\n`]*)', text)
+    assert command, "README's second set-up command installs the test extra and runs pytest"
+    assert f"\n{command.group(1)}\n" in ci and '".[test]"' in ci
     assert "python examples/dqn_per.py" in text
