@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -103,29 +104,32 @@ def _storage_param_numbers(hlo: str) -> list[int]:
     return [i for i, p in enumerate(params) if ":S(5)" in p]
 
 
-@pytest.mark.parametrize("kind", ["prioritised_flat", "trajectory"])
-def test_donated_add_is_in_place(kind):
-    """The compiled add takes the storage in host memory, aliases it to the output (donation)
-    and holds no copy of it."""
-    buf = MAKERS[kind](HOST)
-    state = buf.init(EXAMPLE)
-    batch = make_batch(CASES[kind], 0)
-    hlo = jax.jit(buf.add, donate_argnums=0).lower(state, batch).compile().as_text()
+def assert_add_in_place(add, state, batch) -> Any:
+    """The compiled `add` takes the storage in host memory, aliases it to the output
+    (donation) and holds no copy of it; the donated input is consumed. Returns the new state."""
+    hlo = jax.jit(add, donate_argnums=0).lower(state, batch).compile().as_text()
     header = hlo.splitlines()[0]
     host_params = _storage_param_numbers(header)
     assert len(host_params) == len(jax.tree.leaves(state.experience))
     aliased = {int(p) for p in re.findall(r"\{\d*\}: \((\d+), \{\}, may-alias\)", header)}
     assert set(host_params) <= aliased, (host_params, aliased)
-    storage_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.experience)}
+    # Shapes of the storage as one device holds it (a shard's block when sharded).
+    storage_shapes = {tuple(x.sharding.shard_shape(x.shape))
+                      for x in jax.tree.leaves(state.experience)}
     for line in hlo.splitlines():
         m = re.search(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", line)
         if m:
             shape = tuple(int(d) for d in m.group(1).split(",") if d)
             assert shape not in storage_shapes, f"storage copied: {line.strip()}"
-    # And the add really runs in place: the donated input is consumed.
-    new = jax.jit(buf.add, donate_argnums=0)(state, batch)
+    new = jax.jit(add, donate_argnums=0)(state, batch)
     assert all(x.is_deleted() for x in jax.tree.leaves(state.experience))
-    check_placement(new)
+    return new
+
+
+@pytest.mark.parametrize("kind", ["prioritised_flat", "trajectory"])
+def test_donated_add_is_in_place(kind):
+    buf = MAKERS[kind](HOST)
+    check_placement(assert_add_in_place(buf.add, buf.init(EXAMPLE), make_batch(CASES[kind], 0)))
 
 
 def test_frame_stack_in_host_memory():
@@ -220,14 +224,29 @@ def check_sharded_placement(state, memory_kind: str) -> None:
     assert kinds(rest) == {"device"}
 
 
+def _mesh():
+    return jax.make_mesh((SHARDS,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:SHARDS])
+
+
+def test_sharded_donated_add_is_in_place():
+    """Each device's block of the storage is a host-memory parameter of the compiled add,
+    aliased to its output, never copied."""
+    make, sampling, example, prefix = SHARDED["prioritised_flat_global"]
+    mesh = _mesh()
+    sb = fbx.shard(make(HOST), mesh, "data", sampling)
+    batch = jax.device_put(_sharded_batch(example, prefix, 0),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    check_sharded_placement(assert_add_in_place(sb.add, sb.init(example), batch), HOST)
+
+
 @pytest.mark.parametrize("name", sorted(SHARDED))
 def test_sharded_identical_to_device_memory(name, tmp_path):
     """A sharded buffer with memory_kind: the experience shards in host memory (spec
     unchanged), the rest in device memory, the same states and samples as without it, and a
     checkpoint restored into abstract_state's targets lands in host memory again."""
     make, sampling, example, prefix = SHARDED[name]
-    mesh = jax.make_mesh((SHARDS,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
-                         devices=jax.devices()[:SHARDS])
+    mesh = _mesh()
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     runs = []
     for mk in (None, HOST):
