@@ -40,6 +40,11 @@ Sampling modes (`sampling=`), the trade-off:
   is the single-device draw itself), reads the items it owns and a reduce-scatter hands each
   shard its slice of the batch: the sampled items cross devices once.
 
+Host memory: a buffer made with `memory_kind="pinned_host"` keeps this layout; the experience
+leaves' shardings carry the memory kind (`layout.in_storage`), so every device holds its rows
+in its host memory and its trees in device memory, and each shard's block is written and
+gathered there by the unchanged core (`memory.py`).
+
 Checkpoints: the state is a pytree of global arrays; Orbax saves and restores it from every
 process. `abstract_state` gives restore targets with this mesh's shardings, and `reshard`
 turns a state written on any number of shards (or unsharded) into this buffer's layout
