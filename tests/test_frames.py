@@ -19,7 +19,6 @@ from flax_replay import checkpoint as ckpt
 from flax_replay._src import sum_tree
 from flax_replay._src.buffers import Buffer, NStepReturns, TransitionLayout
 from flax_replay._src.core import TrajectoryCore
-from flax_replay._src.episodes import EpisodeOptions
 from flax_replay._src.frames import FrameStack, stack_frames
 
 import reference
@@ -194,11 +193,11 @@ def run_against_model(name: str, lengths: list, seed: int) -> None:
 
 
 def test_episode_starts_zero_earlier_frames():
-    """The plug for episode ends: with `ends`, frames of an earlier episode are zeros."""
+    """The plug for episode ends: with `ends_key`, frames of an earlier episode are zeros."""
     n, k, cap = 2, 4, 12
     core = TrajectoryCore(add_batch_size=1, max_length_time_axis=cap, min_length_time_axis=n + k,
                           sample_batch_size=64, sample_sequence_length=n + k, period=1)
-    stack = FrameStack((("obs", k),), ends=EpisodeOptions("end"))
+    stack = FrameStack((("obs", k),), ends_key="end")
     buffer = Buffer(core, TransitionLayout(True, True, n, NStepReturns(GAMMA), stack))
     data = Data(3, end_rate=0.35)
     model = reference.FrameStackModel(1, cap, n, k, n + k)

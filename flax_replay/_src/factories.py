@@ -58,8 +58,7 @@ def _frames(frame_stack: Optional[Mapping[str, int]],
             episode_end_key: Optional[EndKey]) -> Optional[FrameStack]:
     """The frame stacking of a flat or n-step buffer. With an `episode_end_key`, frames from
     before an episode's first step are zeros (`frames.py`)."""
-    ends = None if episode_end_key is None else EpisodeOptions(episode_end_key)
-    return FrameStack.from_arg(frame_stack, ends)
+    return FrameStack.from_arg(frame_stack, episode_end_key)
 
 
 def _flat_episodes(episode_end_key: Optional[EndKey],

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_replay._src.episodes import EpisodeOptions
+from flax_replay._src.episodes import EndKey, EpisodeOptions
 from flax_replay._src.typing import Array, PyTree
 
 
@@ -92,16 +92,16 @@ def stack_frames(frames: Array, depth: int, end: int, ends: Optional[Array] = No
 @dataclasses.dataclass(frozen=True)
 class FrameStack:
     """Which top-level keys are stacked and how deep: `depths` `((key, k), ...)` (hashable,
-    so a buffer stays a static jit argument). `ends`: the episode ends (the buffer's
-    `episode_end_key`) used to zero frames of earlier episodes (None: stacks may span
-    episodes)."""
+    so a buffer stays a static jit argument). `ends_key`: the buffer's `episode_end_key` (a
+    bool leaf's name or `step -> bool[]`), used to zero frames of earlier episodes (None:
+    stacks may span episodes)."""
 
     depths: tuple[tuple[str, int], ...]
-    ends: Optional[EpisodeOptions] = None
+    ends_key: Optional[EndKey] = None
 
     @classmethod
     def from_arg(cls, frame_stack: Optional[Mapping[str, int]],
-                 ends: Optional[EpisodeOptions] = None) -> Optional["FrameStack"]:
+                 ends_key: Optional[EndKey] = None) -> Optional["FrameStack"]:
         """Checks a factory's `frame_stack` argument (None or `{key: depth >= 1}`)."""
         if frame_stack is None:
             return None
@@ -117,7 +117,7 @@ class FrameStack:
                 raise ValueError(f"frame_stack[{key!r}]: the depth must be an integer >= 1, "
                                  f"got {depth!r}")
             depths.append((key, int(depth)))
-        return cls(tuple(depths), ends)
+        return cls(tuple(depths), ends_key)
 
     @property
     def max_depth(self) -> int:
@@ -138,6 +138,11 @@ class FrameStack:
                     f"{keys if keys is not None else 'none (not a dict or NamedTuple)'}")
         if self.ends is not None:
             self.ends.check_experience(experience)
+
+    @property
+    def ends(self) -> Optional[EpisodeOptions]:
+        """The episode-end signal as `episodes.py` reads it (None without `ends_key`)."""
+        return None if self.ends_key is None else EpisodeOptions(self.ends_key)
 
     def check_add(self, batch: PyTree, storage: PyTree, n_prefix: int, what: str) -> None:
         """A clear error when a stacked key's leaf is not one frame per step (e.g. a stack was
