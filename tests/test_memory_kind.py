@@ -193,8 +193,6 @@ SHARDED = {
     "prioritised_flat_global": (lambda mk: fbx.make_prioritised_flat_buffer(
         32, 4, 8, add_batch_size=4, priority_exponent=0.6, memory_kind=mk), "global", EXAMPLE,
         (4,)),
-    "trajectory_local": (lambda mk: fbx.make_trajectory_buffer(
-        4, 4, 3, 1, 3, max_length_time_axis=8, memory_kind=mk), "local", EXAMPLE, (4, 3)),
     # frame stacks zeroed at episode starts: the episode flags and window tree per shard.
     "flat_frames_episodes_local": (lambda mk: fbx.make_flat_buffer(
         40, 4, 8, add_sequences=True, add_batch_size=4, frame_stack={"obs": 3},
