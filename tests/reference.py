@@ -357,14 +357,17 @@ class FrameStackModel:
                 out[r][t % self.capacity] = steps[t]
         return out
 
-    def sampleable(self) -> list[tuple[int, int]]:
+    def sampleable(self, pair_ends: Optional[dict] = None) -> list[tuple[int, int]]:
+        """With `pair_ends` (a flat buffer given episode ends): a pair whose first step ends
+        an episode is not sampleable; an end among the earlier frames does not matter."""
         w, cap = self.written, self.capacity
         return [(r, t) for r in range(self.rows) for t in range(w)
-                if t - self.k + 1 >= max(w - cap, 0) and t + self.n <= w - 1]
+                if t - self.k + 1 >= max(w - cap, 0) and t + self.n <= w - 1
+                and not (pair_ends is not None and pair_ends[self.history[r][t]])]
 
-    def can_sample(self) -> bool:
+    def can_sample(self, pair_ends: Optional[dict] = None) -> bool:
         long_enough = self.written >= self.min_length or self.written >= self.capacity
-        return long_enough and bool(self.sampleable())
+        return long_enough and bool(self.sampleable(pair_ends))
 
     def stack(self, row: int, t: int, depth: int, ends: Optional[dict] = None) -> list[Any]:
         """The `depth` steps up to t (oldest first); None for frames of an earlier episode."""

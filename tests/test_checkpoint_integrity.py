@@ -371,3 +371,20 @@ def test_only_late_read_callbacks_on_a_closed_loop_are_muted():
     except RuntimeError as e:
         other = e
     assert not ckpt_impl._is_orbax_read(_unraisable(other))
+
+
+def test_configuration_fields_added_later_match_older_checkpoints():
+    """A checkpoint recorded before `core.episodes.lead` existed lacks it; its implicit value
+    (0) matches a template with lead 0 and no other."""
+    from flax_replay._src import buffer_config
+
+    def described(frames):
+        return buffer_config.describe(fbx.make_flat_buffer(
+            32, 4, 4, episode_end_key="done", frame_stack={"obs": 3} if frames else None))
+
+    older = {"replay": {k: v for k, v in described(False).items()
+                        if k != "core.episodes.lead"}}
+    assert described(False)["core.episodes.lead"] == 0
+    assert buffer_config.differences(older, {"replay": described(False)}) == []
+    assert any("core.episodes.lead is 0 in the checkpoint, 2 in the template" in line
+               for line in buffer_config.differences(older, {"replay": described(True)}))

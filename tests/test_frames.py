@@ -48,7 +48,8 @@ class Data:
 
     def example(self) -> dict:
         return {"obs": np.zeros(FRAME, np.int32), "x": np.zeros(FRAME, np.int32),
-                "id": np.int32(0), "reward": np.float32(0), "done": np.float32(0)}
+                "id": np.int32(0), "reward": np.float32(0), "done": np.float32(0),
+                "end": np.bool_(False)}
 
     def new(self, rows: int, a: int) -> np.ndarray:
         ids = np.arange(self.count + 1, self.count + rows * a + 1).reshape(rows, a)
@@ -62,23 +63,39 @@ class Data:
         flat = ids.ravel().tolist()
         return {"obs": frames_of(ids), "x": frames_of(ids) * 3, "id": ids.astype(np.int32),
                 "reward": np.array([self.reward[i] for i in flat], np.float32).reshape(ids.shape),
-                "done": np.array([self.done[i] for i in flat], np.float32).reshape(ids.shape)}
+                "done": np.array([self.done[i] for i in flat], np.float32).reshape(ids.shape),
+                "end": np.array([self.done[i] for i in flat], bool).reshape(ids.shape)}
 
 
-# (factory, max_length, add_batch_size, n_step, frame_stack, min_length)
+def _ended(step) -> jax.Array:
+    """An episode-end signal given as a function of one step (the `done` leaf's)."""
+    return step["done"] > 0
+
+
+# (factory, max_length, add_batch_size, n_step, frame_stack, min_length, episode_end_key)
 CONFIGS = {
-    "flat": (fbx.make_flat_buffer, 8, None, 1, {"obs": 4}, 0),
-    "flat_rows_two_keys": (fbx.make_flat_buffer, 14, 2, 1, {"obs": 3, "x": 2}, 5),
-    "prioritised_flat": (fbx.make_prioritised_flat_buffer, 14, 2, 1, {"obs": 3}, 0),
-    "n_step": (fbx.make_n_step_buffer, 18, 2, 3, {"obs": 4, "x": 1}, 0),
-    "prioritised_n_step": (fbx.make_prioritised_n_step_buffer, 10, None, 3, {"obs": 4}, 6),
+    "flat": (fbx.make_flat_buffer, 8, None, 1, {"obs": 4}, 0, None),
+    "flat_rows_two_keys": (fbx.make_flat_buffer, 14, 2, 1, {"obs": 3, "x": 2}, 5, None),
+    "prioritised_flat": (fbx.make_prioritised_flat_buffer, 14, 2, 1, {"obs": 3}, 0, None),
+    "n_step": (fbx.make_n_step_buffer, 18, 2, 3, {"obs": 4, "x": 1}, 0, None),
+    "prioritised_n_step": (fbx.make_prioritised_n_step_buffer, 10, None, 3, {"obs": 4}, 6,
+                           None),
+    # Episode ends: earlier episodes' frames are zeros; a flat pair whose first ends an
+    # episode is never sampled (and has a zero leaf), wherever its stack reaches.
+    "flat_episodes": (fbx.make_flat_buffer, 14, 2, 1, {"obs": 3, "x": 2}, 0, "end"),
+    "prioritised_flat_episodes": (fbx.make_prioritised_flat_buffer, 10, None, 1, {"obs": 4},
+                                  3, "end"),
+    "prioritised_n_step_episode_fn": (fbx.make_prioritised_n_step_buffer, 18, 2, 3,
+                                      {"obs": 4}, 0, _ended),
 }
+FLAT = (fbx.make_flat_buffer, fbx.make_prioritised_flat_buffer)
 
 
 @functools.lru_cache(maxsize=None)
 def built(name: str):
-    make, max_length, rows, n, stack, min_length = CONFIGS[name]
-    kwargs = dict(add_sequences=True, add_batch_size=rows, frame_stack=stack)
+    make, max_length, rows, n, stack, min_length, ends = CONFIGS[name]
+    kwargs = dict(add_sequences=True, add_batch_size=rows, frame_stack=stack,
+                  episode_end_key=ends)
     if n > 1:
         kwargs.update(n_step=n, gamma=GAMMA)
     buffer = make(max_length, min_length, 8, **kwargs)
@@ -91,14 +108,17 @@ def _batch(data: Data, ids: np.ndarray, add_batches: bool) -> dict:
 
 
 def check_against_model(name: str, buffer, state, sample, model, data: Data) -> None:
-    _, _, rows, n, stack, _ = CONFIGS[name]
+    make, _, rows, n, stack, _, ends = CONFIGS[name]
     r_count, cap = model.rows, model.capacity
+    # Episode ends: the frames of earlier episodes are zeros; flat pairs ending one are out.
+    frame_ends = None if ends is None else data.done
+    pair_ends = data.done if ends is not None and make in FLAT else None
     # One frame per step is stored, and exactly the model's steps.
     assert state.experience["obs"].shape == (r_count, cap, *FRAME)
     np.testing.assert_array_equal(np.asarray(state.experience["obs"]), frames_of(model.stored()))
-    assert bool(buffer.can_sample(state)) == model.can_sample()
+    assert bool(buffer.can_sample(state)) == model.can_sample(pair_ends)
     where = {i: (r, t) for r, steps in enumerate(model.history) for t, i in enumerate(steps)}
-    sampleable = set(model.sampleable())
+    sampleable = set(model.sampleable(pair_ends))
     k_max = max(stack.values())
     prioritised = isinstance(buffer, fbx.PrioritisedBuffer)
     if prioritised:
@@ -106,6 +126,10 @@ def check_against_model(name: str, buffer, state, sample, model, data: Data) -> 
                                                  buffer.core.tree_geometry))
         expected = {r * cap + (t - k_max + 1) % cap for r, t in sampleable}
         assert set(np.flatnonzero(leaf_values > 0).tolist()) == expected
+    elif ends is not None:  # a uniform episode buffer: the 0/1 tree of its valid items
+        counts = np.asarray(sum_tree.leaves(state.window_count, buffer.core.count_geometry))
+        expected = {r * cap + (t - k_max + 1) % cap for r, t in sampleable}
+        assert set(np.flatnonzero(counts > 0).tolist()) == expected
     if sample is None:
         return
     exp = jax.device_get(sample.experience)
@@ -117,8 +141,8 @@ def check_against_model(name: str, buffer, state, sample, model, data: Data) -> 
         for key in ("obs", "x"):
             if key in stack:
                 k = stack[key]
-                first = np.moveaxis(frames_of(model.stack(r, t, k)), 0, -1)
-                second = np.moveaxis(frames_of(model.stack(r, t + n, k)), 0, -1)
+                first = np.moveaxis(frames_of(model.stack(r, t, k, frame_ends)), 0, -1)
+                second = np.moveaxis(frames_of(model.stack(r, t + n, k, frame_ends)), 0, -1)
                 scale = 3 if key == "x" else 1
                 np.testing.assert_array_equal(exp.first[key][b], first * scale, err_msg=key)
                 np.testing.assert_array_equal(exp.second[key][b], second * scale, err_msg=key)
@@ -133,12 +157,23 @@ def check_against_model(name: str, buffer, state, sample, model, data: Data) -> 
             assert int(sample.indices[b]) == r * cap + (t - k_max + 1) % cap
 
 
-@given(name=st.sampled_from(sorted(CONFIGS)),
+@given(name=st.sampled_from([n for n in sorted(CONFIGS) if CONFIGS[n][-1] is None]),
        lengths=st.lists(st.sampled_from([1, 2, 3, 5]), min_size=1, max_size=9),
        seed=st.integers(0, 2**31 - 1))
 def test_frame_stack_matches_model(name, lengths, seed):
+    run_against_model(name, lengths, seed)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(CONFIGS) if CONFIGS[n][-1] is not None])
+def test_frame_stack_with_episode_ends_matches_model(name):
+    """The episode configurations, each over a fixed run of adds that wraps the rows twice
+    or more (kept out of the drawn runs above, whose budget they would thin out)."""
+    run_against_model(name, [5, 3, 5, 3, 5, 3], seed=1)
+
+
+def run_against_model(name: str, lengths: list, seed: int) -> None:
     buffer, add, sample = built(name)
-    _, max_length, rows, n, stack, min_length = CONFIGS[name]
+    make, max_length, rows, n, stack, min_length, ends = CONFIGS[name]
     r_count = 1 if rows is None else rows
     cap = max_length // r_count
     model = reference.FrameStackModel(r_count, cap, n, max(stack.values()),
@@ -152,7 +187,8 @@ def test_frame_stack_matches_model(name, lengths, seed):
         state = add(state, _batch(data, ids, rows is not None))
         model.add(ids.tolist())
         key, k = jax.random.split(key)
-        out = sample(state, k) if model.can_sample() else None
+        pair_ends = data.done if ends is not None and make in FLAT else None
+        out = sample(state, k) if model.can_sample(pair_ends) else None
         check_against_model(name, buffer, state, out, model, data)
 
 
@@ -161,7 +197,7 @@ def test_episode_starts_zero_earlier_frames():
     n, k, cap = 2, 4, 12
     core = TrajectoryCore(add_batch_size=1, max_length_time_axis=cap, min_length_time_axis=n + k,
                           sample_batch_size=64, sample_sequence_length=n + k, period=1)
-    stack = FrameStack((("obs", k),), ends_key="done")
+    stack = FrameStack((("obs", k),), ends_key="end")
     buffer = Buffer(core, TransitionLayout(True, True, n, NStepReturns(GAMMA), stack))
     data = Data(3, end_rate=0.35)
     model = reference.FrameStackModel(1, cap, n, k, n + k)
@@ -305,23 +341,44 @@ def test_sharded_buffer_samples_stacks():
         np.testing.assert_array_equal(exp.first["obs"][b], want)
 
 
-def test_n_step_frame_stack_zeroes_frames_before_an_episode_start():
-    """With `episode_end_key`, an n-step buffer's stacks never show a previous episode's
-    frames: those positions are zeros. Flat buffers refuse the combination for now."""
-    buf = fbx.make_n_step_buffer(max_length=16, min_length=4, sample_batch_size=16, n_step=1,
-                                 frame_stack={"obs": 3}, episode_end_key="done",
-                                 reward_key="reward", done_key=None)
+@pytest.mark.parametrize("make", [fbx.make_n_step_buffer, fbx.make_flat_buffer])
+def test_frame_stack_zeroes_frames_before_an_episode_start(make):
+    """With `episode_end_key`, stacks never show a previous episode's frames: those positions
+    are zeros, flat and n-step buffers alike. A flat pair whose `first` ends an episode is
+    never sampled; every other transition is, even where its stack reaches back past the
+    episode's start (steps 4, 5, 8 and 9 here)."""
+    kwargs = dict(reward_key="reward", done_key=None) if make is fbx.make_n_step_buffer else {}
+    buf = make(max_length=16, min_length=4, sample_batch_size=16, frame_stack={"obs": 3},
+               episode_end_key="done", **kwargs)
     state = buf.init({"obs": jnp.zeros((2,)), "reward": jnp.zeros(()),
                       "done": jnp.zeros((), bool)})
-    for t in range(1, 11):  # episodes: steps 1-3, 4-7, 8-10
-        state = buf.add(state, {"obs": jnp.full((2,), t, jnp.float32),
-                                "reward": jnp.float32(t), "done": jnp.asarray(t in (3, 7))})
-    stacks = np.asarray(buf.sample(state, jax.random.key(0)).experience.first["obs"])[:, 0]
+    steps = {"obs": np.repeat(np.arange(1, 11, dtype=np.float32)[:, None], 2, axis=1),
+             "reward": np.arange(1, 11, dtype=np.float32),
+             "done": np.isin(np.arange(1, 11), (3, 7))}  # episodes: steps 1-3, 4-7, 8-10
+    add = jax.jit(buf.add)
+    for t in range(10):
+        state = add(state, jax.tree.map(lambda x, t=t: x[t], steps))
+    exp = jax.jit(buf.sample, static_argnums=2)(state, jax.random.key(0), 256).experience
     episode = {t: (1 if t <= 3 else 2 if t <= 7 else 3) for t in range(1, 11)}
-    for stack in stacks:
+    firsts = set()
+    for stack in np.asarray(exp.first["obs"])[:, 0]:
         last = int(stack[-1])
+        firsts.add(last)
         want = [t if t >= 1 and episode[t] == episode[last] else 0
                 for t in range(last - 2, last + 1)]
         np.testing.assert_array_equal(stack, want)
-    with pytest.raises(ValueError, match="frame_stack with episode_end_key"):
-        fbx.make_flat_buffer(16, 4, 4, frame_stack={"obs": 2}, episode_end_key="done")
+    # Steps 1-2 have no full stack in the row; the last pair starts at step 9.
+    flat = make is not fbx.make_n_step_buffer
+    assert firsts == ({4, 5, 6, 8, 9} if flat else {3, 4, 5, 6, 7, 8, 9})
+
+
+@pytest.mark.parametrize("make", [fbx.make_flat_buffer, fbx.make_prioritised_flat_buffer])
+def test_flat_frame_stack_bad_episode_end_key(make):
+    buf = make(16, 4, 4, frame_stack={"obs": 2}, episode_end_key="terminal")
+    with pytest.raises(ValueError, match="episode_end_key 'terminal' is not a top-level leaf"):
+        buf.init({"obs": jnp.zeros((2,)), "done": jnp.zeros((), bool)})
+    buf = make(16, 4, 4, frame_stack={"obs": 2}, episode_end_key="done")
+    with pytest.raises(ValueError, match="episode_end_key 'done' must be bool, got float32"):
+        buf.init({"obs": jnp.zeros((2,)), "done": jnp.zeros(())})
+    with pytest.raises(ValueError, match=r"'done' must have shape \(\) per step.*\(2,\)"):
+        buf.init({"obs": jnp.zeros((2,)), "done": jnp.zeros((2,), bool)})

@@ -1,17 +1,20 @@
-"""memory_kind="pinned_host" on every buffer: the experience leaves in host memory, counters and
-trees in device memory, samples returned in device memory; states and samples identical to the
-default buffer's; donated adds update the storage in place (compiled program); checkpoints
-restore into the same memory kind; bad kinds are refused with the devices' kinds listed."""
+"""memory_kind="pinned_host" on every buffer, sharded ones too: the experience leaves in host
+memory, counters and trees in device memory, samples returned in device memory; states and
+samples identical to the default buffer's; donated adds update the storage in place (compiled
+program); checkpoints restore into the same memory kind; bad kinds are refused with the
+devices' kinds listed."""
 
 from __future__ import annotations
 
 import re
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import flax_replay as fbx
@@ -101,29 +104,32 @@ def _storage_param_numbers(hlo: str) -> list[int]:
     return [i for i, p in enumerate(params) if ":S(5)" in p]
 
 
-@pytest.mark.parametrize("kind", ["prioritised_flat", "trajectory"])
-def test_donated_add_is_in_place(kind):
-    """The compiled add takes the storage in host memory, aliases it to the output (donation)
-    and holds no copy of it."""
-    buf = MAKERS[kind](HOST)
-    state = buf.init(EXAMPLE)
-    batch = make_batch(CASES[kind], 0)
-    hlo = jax.jit(buf.add, donate_argnums=0).lower(state, batch).compile().as_text()
+def assert_add_in_place(add, state, batch) -> Any:
+    """The compiled `add` takes the storage in host memory, aliases it to the output
+    (donation) and holds no copy of it; the donated input is consumed. Returns the new state."""
+    hlo = jax.jit(add, donate_argnums=0).lower(state, batch).compile().as_text()
     header = hlo.splitlines()[0]
     host_params = _storage_param_numbers(header)
     assert len(host_params) == len(jax.tree.leaves(state.experience))
     aliased = {int(p) for p in re.findall(r"\{\d*\}: \((\d+), \{\}, may-alias\)", header)}
     assert set(host_params) <= aliased, (host_params, aliased)
-    storage_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.experience)}
+    # Shapes of the storage as one device holds it (a shard's block when sharded).
+    storage_shapes = {tuple(x.sharding.shard_shape(x.shape))
+                      for x in jax.tree.leaves(state.experience)}
     for line in hlo.splitlines():
         m = re.search(r"= \w+\[([\d,]*)\]\{[^}]*\} copy\(", line)
         if m:
             shape = tuple(int(d) for d in m.group(1).split(",") if d)
             assert shape not in storage_shapes, f"storage copied: {line.strip()}"
-    # And the add really runs in place: the donated input is consumed.
-    new = jax.jit(buf.add, donate_argnums=0)(state, batch)
+    new = jax.jit(add, donate_argnums=0)(state, batch)
     assert all(x.is_deleted() for x in jax.tree.leaves(state.experience))
-    check_placement(new)
+    return new
+
+
+@pytest.mark.parametrize("kind", ["prioritised_flat", "trajectory"])
+def test_donated_add_is_in_place(kind):
+    buf = MAKERS[kind](HOST)
+    check_placement(assert_add_in_place(buf.add, buf.init(EXAMPLE), make_batch(CASES[kind], 0)))
 
 
 def test_frame_stack_in_host_memory():
@@ -178,10 +184,109 @@ def test_views_and_checkpoint_keep_memory_kind(tmp_path):
     assert_trees_equal(jax.device_get(restored.replay), jax.device_get(cols["replay"]))
 
 
-def test_sharded_buffer_refuses_host_memory():
-    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
-    with pytest.raises(ValueError, match="memory_kind='pinned_host' cannot be sharded yet"):
-        fbx.shard(MAKERS["flat"](HOST), mesh, "data")
+# ------------------------------------------------------------------------ sharded buffers
+SHARDS = 4
+FRAME_EXAMPLE = {"obs": jnp.zeros((2, 3), jnp.uint8), "reward": jnp.float32(0),
+                 "done": jnp.bool_(False)}
+# name: (make(memory_kind) -> buffer, sampling, example, leading axes of one add)
+SHARDED = {
+    "prioritised_flat_global": (lambda mk: fbx.make_prioritised_flat_buffer(
+        32, 4, 8, add_batch_size=4, priority_exponent=0.6, memory_kind=mk), "global", EXAMPLE,
+        (4,)),
+    # frame stacks zeroed at episode starts: the episode flags and window tree per shard.
+    "flat_frames_episodes_local": (lambda mk: fbx.make_flat_buffer(
+        40, 4, 8, add_sequences=True, add_batch_size=4, frame_stack={"obs": 3},
+        episode_end_key="done", memory_kind=mk), "local", FRAME_EXAMPLE, (4, 3)),
+}
+
+
+def _sharded_batch(example, prefix, i: int) -> dict:
+    rng = np.random.default_rng(i)
+    out = {}
+    for name, x in example.items():
+        shape = prefix + tuple(x.shape)
+        if x.dtype == jnp.bool_:
+            out[name] = rng.random(shape) < 0.3
+        elif jnp.issubdtype(x.dtype, jnp.integer):
+            out[name] = rng.integers(0, 100, shape).astype(x.dtype)
+        else:
+            out[name] = rng.normal(size=shape).astype(x.dtype)
+    return out
+
+
+def check_sharded_placement(state, memory_kind: str) -> None:
+    for x in jax.tree.leaves(state.experience):
+        assert x.sharding.memory_kind == memory_kind
+        assert x.sharding.spec[0] == "data"  # rows still sharded
+    rest = [x for name, x in vars(state).items() if name != "experience"]
+    assert kinds(rest) == {"device"}
+
+
+def _mesh():
+    return jax.make_mesh((SHARDS,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,),
+                         devices=jax.devices()[:SHARDS])
+
+
+def test_sharded_donated_add_is_in_place():
+    """Each device's block of the storage is a host-memory parameter of the compiled add,
+    aliased to its output, never copied."""
+    make, sampling, example, prefix = SHARDED["prioritised_flat_global"]
+    mesh = _mesh()
+    sb = fbx.shard(make(HOST), mesh, "data", sampling)
+    batch = jax.device_put(_sharded_batch(example, prefix, 0),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    check_sharded_placement(assert_add_in_place(sb.add, sb.init(example), batch), HOST)
+
+
+@pytest.mark.parametrize("name", sorted(SHARDED))
+def test_sharded_identical_to_device_memory(name, tmp_path):
+    """A sharded buffer with memory_kind: the experience shards in host memory (spec
+    unchanged), the rest in device memory, the same states and samples as without it, and a
+    checkpoint restored into abstract_state's targets lands in host memory again."""
+    make, sampling, example, prefix = SHARDED[name]
+    mesh = _mesh()
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    runs = []
+    for mk in (None, HOST):
+        sb = fbx.shard(make(mk), mesh, "data", sampling)
+        prioritised = sb.prioritised
+        add = jax.jit(sb.add, donate_argnums=0)
+        state = sb.init(example)
+        check_sharded_placement(state, mk or "device")
+        outs = []
+        for i in range(4):
+            state = add(state, jax.device_put(_sharded_batch(example, prefix, i), rows))
+            check_sharded_placement(state, mk or "device")
+            if not bool(sb.can_sample(state)):
+                continue
+            out = jax.jit(sb.sample)(state, jax.random.key(i))
+            assert kinds(out) == {"device"}
+            if prioritised:
+                state = jax.jit(sb.set_priorities, donate_argnums=0)(
+                    state, out, jnp.abs(out.probabilities) + 0.5)
+                check_sharded_placement(state, mk or "device")
+            outs.append(jax.device_get(out))
+        runs.append((jax.device_get(state), outs))
+    assert len(runs[1][1]) >= 2, "too little was sampled"
+    assert_trees_equal(runs[0], runs[1])
+
+    # Checkpoint (Orbax, as examples/sharded_replay.py): restored into the sharded buffer's
+    # abstract state, the experience lands in host memory again.
+    cols = fbx.to_collections(state)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(1, args=ocp.args.Composite(
+            **{c: ocp.args.StandardSave(v) for c, v in cols.items()}))
+        manager.wait_until_finished()
+        target = fbx.to_collections(sb.abstract_state(example))
+        for x in jax.tree.leaves(target["replay"]["experience"]):
+            assert x.sharding.memory_kind == HOST
+        restored = manager.restore(1, args=ocp.args.Composite(
+            **{c: ocp.args.StandardRestore(v) for c, v in target.items()}))
+    back = fbx.from_collections(type(state), dict(restored))
+    check_sharded_placement(back, HOST)
+    assert_trees_equal(jax.device_get(back), jax.device_get(state))
+    if not sb.episodes:  # regrouping keeps the memory kind (episode buffers: not supported)
+        check_sharded_placement(sb.unshard(back), HOST)
 
 
 def test_bad_memory_kind_lists_device_kinds():

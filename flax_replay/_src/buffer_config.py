@@ -28,6 +28,12 @@ SAFE_TO_CHANGE = frozenset({
     "core.options.ignore_stale_priorities",  # whether set_priorities drops stale updates
 })
 
+# Fields added to buffer definitions after checkpoints recorded them, with the value an older
+# checkpoint (which lacks the field) implicitly had.
+ADDED_FIELDS: dict[str, Any] = {
+    "core.episodes.lead": 0,  # flat buffers' frame-stack context steps (`episodes.py`)
+}
+
 
 def describe(buffer: Any) -> dict[str, Any]:
     """The flattened fields of a buffer definition (JSON values: numbers, strings, bools)."""
@@ -103,10 +109,12 @@ def differences(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, A
     for path in sorted(set(saved) & set(current)):
         a, b = saved[path], current[path]
         for field in sorted(set(a) | set(b)):
-            if field in SAFE_TO_CHANGE or a.get(field) == b.get(field):
+            absent = ADDED_FIELDS.get(field, "(absent)")
+            was, now = a.get(field, absent), b.get(field, absent)
+            if field in SAFE_TO_CHANGE or was == now:
                 continue
-            out.append(f"buffer '{path}': {field} is {a.get(field, '(absent)')!r} in the "
-                       f"checkpoint, {b.get(field, '(absent)')!r} in the template")
+            out.append(f"buffer '{path}': {field} is {was!r} in the checkpoint, {now!r} in "
+                       "the template")
     return out
 
 

@@ -5,11 +5,13 @@ padded and masked after it.
 
 | `sequence_mode`    | a window of L steps starting at absolute time s is an item when ...  |
 |--------------------|-----------------------------------------------------------------------|
-| `"within_episode"` | s is on the `period` grid and no episode ends at s, ..., s + L - 2    |
+| `"within_episode"` | s is on the `period` grid and no episode ends at s + c, ..., s + L - 2 |
 | `"padded"`         | s is on the grid or starts an episode (the step s - 1 ended one); the |
 |                    | steps after the first end inside the window are zeros, `mask` False  |
 
-and, in both modes, all L steps are stored (`s >= W - T`, `s + L <= W`), exactly as for a
+with c = `lead` (0 but for flat buffers with `frame_stack`: their first K - 1 steps are only
+the frames a stack reaches back to, `frames.py`, where an earlier episode is zeroed, not
+refused), and, in both modes, all L steps are stored (`s >= W - T`, `s + L <= W`), exactly as for a
 buffer without episodes. In `"padded"` mode with `period > 1` an episode may start off the
 grid, so the core keeps one slot per time step (its internal period is 1) and the windows
 off the grid that do not start an episode are simply never valid.
@@ -60,11 +62,14 @@ class EpisodeOptions:
       step of an episode, or a function `step -> bool[]` of one step.
     mode: "within_episode" or "padded".
     period: the user's `period` (the grid windows start on).
+    lead: the steps at the start of each window that are context only (the older frames of a
+      flat buffer's frame stacks): an episode end among them leaves the window valid.
     """
 
     end_key: EndKey
     mode: str = "within_episode"
     period: int = 1
+    lead: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in SEQUENCE_MODES:
@@ -75,6 +80,9 @@ class EpisodeOptions:
                 "episode_end_key must be the name of a bool leaf or a function step -> bool[], "
                 f"got {self.end_key!r}")
         checks.positive_int("period", self.period)
+        checks.non_negative_int("lead", self.lead)
+        if self.lead and self.padded:
+            raise ValueError("sequence_mode='padded' has no context steps (lead must be 0)")
 
     @property
     def padded(self) -> bool:
@@ -203,9 +211,10 @@ class EpisodeMethods:
         if self.episodes.padded:
             on_grid = (start % self.episodes.period == 0)[None, :]
             return on_grid | state.episode_starts[:, start % t]
-        if l == 1:
+        c = self.episodes.lead
+        if l - 1 - c <= 0:
             return jnp.ones((self.add_batch_size, start.shape[0]), bool)
-        time = (start[:, None] + jnp.arange(l - 1)) % t  # [m, L - 1]
+        time = (start[:, None] + c + jnp.arange(l - 1 - c)) % t  # [m, L - 1 - c]
         return ~jnp.any(state.episode_ends[:, time], axis=-1)
 
     def _entering(self, state: Any, written: Array, a: int):

@@ -54,20 +54,22 @@ def _n_step_end(episode_end_key: Optional[EndKey]) -> Optional[EpisodeOptions]:
     return None if episode_end_key is None else EpisodeOptions(episode_end_key)
 
 
-def _frames(frame_stack: Optional[Mapping[str, int]], episode_end_key: Optional[EndKey],
-            n_step: bool) -> Optional[FrameStack]:
-    """The frame stacking of a flat or n-step buffer. With an `episode_end_key` naming a leaf,
-    frames from before an episode's first step are zeros (n-step buffers). Not yet for the
-    flat buffers, whose episode ends also decide which pairs are valid, nor for an end given
-    as a function."""
-    if frame_stack is not None and episode_end_key is not None and (
-            not n_step or not isinstance(episode_end_key, str)):
-        raise ValueError(
-            "frame_stack with episode_end_key is supported by the n-step buffers with a key "
-            "name only, for now; got episode_end_key="
-            f"{episode_end_key!r} on a {'n-step' if n_step else 'flat'} buffer")
-    ends = episode_end_key if isinstance(episode_end_key, str) else None
-    return FrameStack.from_arg(frame_stack, ends_key=ends)
+def _frames(frame_stack: Optional[Mapping[str, int]],
+            episode_end_key: Optional[EndKey]) -> Optional[FrameStack]:
+    """The frame stacking of a flat or n-step buffer. With an `episode_end_key`, frames from
+    before an episode's first step are zeros (`frames.py`)."""
+    return FrameStack.from_arg(frame_stack, episode_end_key)
+
+
+def _flat_episodes(episode_end_key: Optional[EndKey],
+                   stack: Optional[FrameStack]) -> Optional[EpisodeOptions]:
+    """The episode options of a flat buffer: a pair is an item unless its `first` ends an
+    episode; with frame stacks, the K - 1 steps before `first` are context (`lead`), where
+    an earlier episode's end is zeroed in the stack, not refused."""
+    if episode_end_key is None:
+        return None
+    lead = 0 if stack is None else stack.extra_steps()
+    return EpisodeOptions(episode_end_key, "within_episode", 1, lead)
 
 
 def _time_axis(max_size: Optional[int], max_length_time_axis: Optional[int],
@@ -265,12 +267,13 @@ def make_flat_buffer(
     `episode_end_key` (see `make_trajectory_buffer`): a pair has no discount to flag an episode
     end, so a pair whose `first` ends an episode (its `second` would be the next episode's
     first step) is never sampled; the pair ending on the last step is. None: every pair.
+    With `frame_stack` too, frames from before the episode's first step are zeros.
     """
-    stack = _frames(frame_stack, episode_end_key, n_step=False)
+    stack = _frames(frame_stack, episode_end_key)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
     core = episode_core(TrajectoryCore(**fields, memory_kind=memory.checked(memory_kind)),
-                        _episodes(episode_end_key, None, 1))
+                        _flat_episodes(episode_end_key, stack))
     return Buffer(core, TransitionLayout(add_batch_size is not None, add_sequences,
                                          frames=stack))
 
@@ -315,7 +318,7 @@ def make_n_step_buffer(
     discount is 0, which flags inside the transition that `second` lies past the end. Every
     transition stays sampleable (those ending an episode carry its last rewards).
     """
-    stack = _frames(frame_stack, episode_end_key, n_step=True)
+    stack = _frames(frame_stack, episode_end_key)
     core = TrajectoryCore(**stacked_fields(_flat_fields(max_length, min_length, sample_batch_size,
                                                         add_batch_size, n_step), stack),
                           memory_kind=memory.checked(memory_kind))
@@ -410,12 +413,12 @@ def make_prioritised_flat_buffer(
     `make_flat_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    stack = _frames(frame_stack, episode_end_key, n_step=False)
+    stack = _frames(frame_stack, episode_end_key)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, 1), stack)
     core = episode_core(PrioritisedCore(**fields, options=options,
                                         memory_kind=memory.checked(memory_kind)),
-                        _episodes(episode_end_key, None, 1))
+                        _flat_episodes(episode_end_key, stack))
     return PrioritisedBuffer(cast(PrioritisedCore, core),
                              TransitionLayout(add_batch_size is not None, add_sequences,
                                               frames=stack))
@@ -470,7 +473,7 @@ def make_prioritised_n_step_buffer(
     add_batch_size, priority_exponent, n_step=3)`; `episode_end_key` as `make_n_step_buffer`."""
     options = _priority_options(priority_exponent, device, sampling, branching,
                                 ignore_stale_priorities)
-    stack = _frames(frame_stack, episode_end_key, n_step=True)
+    stack = _frames(frame_stack, episode_end_key)
     fields = stacked_fields(
         _flat_fields(max_length, min_length, sample_batch_size, add_batch_size, n_step), stack)
     core = PrioritisedCore(**fields, options=options, memory_kind=memory.checked(memory_kind))

@@ -15,11 +15,17 @@ and is never sampled). `can_sample`, the valid items and the prioritised sum tre
 that rule, as for sequences; a sample's `indices`/`versions` name the item by the slot of its
 oldest frame. Every other key is read at steps t .. t + n only (the n-step return too).
 
-Episode starts. Frames before the first step of the transition's episode are zeros when the
-per-step episode-end flags are known (`ends_key`: 1 where the episode ended after the step,
-the `done` convention of the n-step returns): `stack_frames` takes those flags. The n-step
-factories set `ends_key` from their `episode_end_key` (a leaf's name); the flat factories refuse
-the combination for now; without it a stack may span an episode boundary.
+Episode starts. Given the buffer's `episode_end_key` (a leaf's name or `step -> bool[]`,
+`episodes.py`; True where the episode ended after the step, the `done` convention of the
+n-step returns), frames before the first step of the transition's episode are zeros:
+`stack_frames` takes the end flags of the item's steps, read from the item itself, so flat and
+n-step buffers share this one implementation. Which transitions are items is the buffer's own
+rule, unchanged by the stacks: an n-step buffer keeps them all (the return stops at the end);
+a flat buffer drops a pair whose `first` ends an episode, and only that pair: its episode core
+checks the end flags from step t on (`EpisodeOptions.lead` = K - 1 context steps), so a stack
+reaching into an earlier episode never makes a transition invalid. Without `episode_end_key` a
+stack may span an episode boundary. A transition at one of the first K - 1 steps ever written
+to a row is never sampled, episode start or not (its item would begin before the row).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_replay._src.episodes import EndKey, EpisodeOptions
 from flax_replay._src.typing import Array, PyTree
 
 
@@ -85,15 +92,16 @@ def stack_frames(frames: Array, depth: int, end: int, ends: Optional[Array] = No
 @dataclasses.dataclass(frozen=True)
 class FrameStack:
     """Which top-level keys are stacked and how deep: `depths` `((key, k), ...)` (hashable,
-    so a buffer stays a static jit argument). `ends_key`: the per-step episode-end leaf used to
-    zero frames of earlier episodes (None: stacks may span episodes)."""
+    so a buffer stays a static jit argument). `ends_key`: the buffer's `episode_end_key` (a
+    bool leaf's name or `step -> bool[]`), used to zero frames of earlier episodes (None:
+    stacks may span episodes)."""
 
     depths: tuple[tuple[str, int], ...]
-    ends_key: Optional[str] = None
+    ends_key: Optional[EndKey] = None
 
     @classmethod
     def from_arg(cls, frame_stack: Optional[Mapping[str, int]],
-                 ends_key: Optional[str] = None) -> Optional["FrameStack"]:
+                 ends_key: Optional[EndKey] = None) -> Optional["FrameStack"]:
         """Checks a factory's `frame_stack` argument (None or `{key: depth >= 1}`)."""
         if frame_stack is None:
             return None
@@ -120,16 +128,21 @@ class FrameStack:
         return self.max_depth - 1
 
     def check_example(self, experience: PyTree) -> None:
-        """ValueError unless every stacked key is a top-level key of `experience`."""
+        """ValueError unless every stacked key is a top-level key of `experience` and the
+        episode-end signal (if any) is one bool per step."""
         keys = _keys_of(experience)
         for key, _ in self.depths:
             if keys is None or key not in keys:
                 raise ValueError(
                     f"frame_stack: the experience has no top-level key {key!r}; its keys are "
                     f"{keys if keys is not None else 'none (not a dict or NamedTuple)'}")
-        if self.ends_key is not None and (keys is None or self.ends_key not in keys):
-            raise ValueError(f"frame_stack: the experience has no episode-end key "
-                             f"{self.ends_key!r}; its keys are {keys}")
+        if self.ends is not None:
+            self.ends.check_experience(experience)
+
+    @property
+    def ends(self) -> Optional[EpisodeOptions]:
+        """The episode-end signal as `episodes.py` reads it (None without `ends_key`)."""
+        return None if self.ends_key is None else EpisodeOptions(self.ends_key)
 
     def check_add(self, batch: PyTree, storage: PyTree, n_prefix: int, what: str) -> None:
         """A clear error when a stacked key's leaf is not one frame per step (e.g. a stack was
@@ -164,7 +177,7 @@ class FrameStack:
         steps = jax.tree.map(lambda x: x[:, t:], seq)
         first = jax.tree.map(lambda x: x[:, 0], steps)
         second = jax.tree.map(lambda x: x[:, n], steps)
-        ends = None if self.ends_key is None else get_key(seq, self.ends_key)
+        ends = None if self.ends is None else self.ends.flags(seq, 2)  # [B, n + K]
 
         def stacked(end: int) -> dict[str, Any]:
             return {key: jax.tree.map(lambda x, k=k: stack_frames(x, k, end, ends),

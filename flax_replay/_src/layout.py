@@ -8,6 +8,10 @@ A buffer sharded `S` ways over mesh axis `axis` has the single-device layout wit
                                                     same time index)
     "priorities"  sum_tree, min_tree [S, nodes]     P(axis): one tree per shard
                   max_priority [S]
+
+A buffer made with `memory_kind` (`memory.py`) keeps this layout; only the experience leaves'
+`NamedSharding`s carry that memory kind (`in_storage`), the indices, flags and trees stay in
+device memory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from flax_replay._src import sum_tree
 from flax_replay._src.buffers import Buffer
+from flax_replay._src.core import TrajectoryBufferState
 from flax_replay._src.episodes import EpisodeCore, EpisodeTrajectoryBufferState
 from flax_replay._src.priorities import PrioritisedCore, PrioritisedTrajectoryBufferState
 from flax_replay._src.state import PRIORITIES, REPLAY, from_collections, to_collections
@@ -86,22 +91,43 @@ def partition_specs(state: Any, axis: Axis) -> Any:
     return from_collections(type(state), specs)
 
 
-def named(mesh: Mesh, specs: PyTree) -> PyTree:
-    """The `NamedSharding`s on `mesh` of a tree of `PartitionSpec`s."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+def in_storage(where: PyTree, memory_kind: Optional[str]) -> PyTree:
+    """`where` (a tree of `NamedSharding`s) with the experience leaves of every buffer state
+    in it placed in `memory_kind` (None: unchanged, the default device memory)."""
+    if memory_kind is None:
+        return where
+
+    def place(node: Any) -> Any:
+        if not isinstance(node, TrajectoryBufferState):
+            return node
+        return node.replace(experience=jax.tree.map(
+            lambda s: s.with_memory_kind(memory_kind), node.experience))
+
+    return jax.tree.map(place, where, is_leaf=lambda x: isinstance(x, TrajectoryBufferState))
 
 
-def shardings(state: Any, mesh: Mesh, axis: Axis) -> Any:
-    """A `NamedSharding` on `mesh` for every array of `state` (for `jit`, Orbax)."""
-    return named(mesh, partition_specs(state, axis))
+def named(mesh: Mesh, specs: PyTree, memory_kind: Optional[str] = None) -> PyTree:
+    """The `NamedSharding`s on `mesh` of a tree of `PartitionSpec`s; the experience of any
+    buffer state in it in `memory_kind`."""
+    where = jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
+                         is_leaf=lambda x: isinstance(x, P))
+    return in_storage(where, memory_kind)
 
 
-def constrain(tree: PyTree, mesh: Mesh, specs: PyTree) -> PyTree:
-    """`tree` laid out as `specs` say (inside `jit`; a no-op where it is already)."""
+def shardings(state: Any, mesh: Mesh, axis: Axis, memory_kind: Optional[str] = None) -> Any:
+    """A `NamedSharding` on `mesh` for every array of `state` (for `jit`, Orbax); the
+    experience leaves in `memory_kind`."""
+    return named(mesh, partition_specs(state, axis), memory_kind)
+
+
+def constrain(tree: PyTree, mesh: Mesh, specs: PyTree,
+              memory_kind: Optional[str] = None) -> PyTree:
+    """`tree` laid out as `specs` say, the experience of a buffer state in `memory_kind`
+    (inside `jit`; a no-op where it is already)."""
+    where = named(mesh, specs, memory_kind)
     if mesh.are_all_axes_explicit:
-        return jax.sharding.reshard(tree, named(mesh, specs))
-    return jax.lax.with_sharding_constraint(tree, named(mesh, specs))
+        return jax.sharding.reshard(tree, where)
+    return jax.lax.with_sharding_constraint(tree, where)
 
 
 def replicate_trees(state: Any, state_shardings: Any, mesh: Mesh) -> Any:
@@ -147,7 +173,7 @@ def abstract_state(buffer: Buffer, mesh: Mesh, axis: Axis, experience: PyTree,
     replicated, ready for `reshard`."""
     shards = buffer_shards(mesh, axis)
     abstract = jax.eval_shape(lambda: sharded_init(buffer, experience, num_shards or shards))
-    where = shardings(abstract, mesh, axis)
+    where = shardings(abstract, mesh, axis, buffer.core.memory_kind)
     if num_shards not in (None, shards):
         where = replicate_trees(abstract, where, mesh)
     return jax.tree.map(

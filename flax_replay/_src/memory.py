@@ -20,9 +20,20 @@ a `sample` brings only the `[B, ...]` batch device-ward over PCIe/DMA; the scatt
 themselves run where XLA places host-memory computations (not measured yet: see
 benchmarks/README.md).
 
-"unpinned_host" is refused with jax 0.10.2: a transfer inside `jit` cannot target it (it lands
-in device memory), and a donated jitted update of an unpinned_host array aborts the process
-(PjRt: "memory kind does not match sharding's memory kind"); checked on CPU.
+Sharded buffers (`sharding.py`) keep the same rule per device: the experience leaves
+`NamedSharding(mesh, spec, memory_kind=...)` carry the kind (their row sharding unchanged),
+each shard's block is written and gathered in host memory inside the `shard_map`, and
+`abstract_state` gives Orbax targets in that memory kind.
+
+"unpinned_host" is refused with jax 0.10.2 (re-checked on CPU with a minimal reproduction):
+inside `jit`, `device_put(x, jax.memory.Space.Host)` lands in pinned_host, while
+`device_put` / `with_sharding_constraint` to an unpinned_host sharding, and a nested jit with
+such `out_shardings`, all land in device memory. Only the outermost `jax.jit(f,
+out_shardings=<unpinned_host>)` places a result there (donated, it is then aliased in place);
+the same donated update without those `out_shardings` aborts the process (PjRt: "memory kind
+does not match sharding's memory kind"). A buffer's methods are pure functions the caller
+jits, scans and nests in a train step, so one forgotten `out_shardings` would kill the
+process instead of raising: refused until a transfer inside `jit` can target it.
 """
 
 from __future__ import annotations
@@ -59,9 +70,10 @@ def checked(memory_kind: Optional[str]) -> Optional[str]:
     if memory_kind not in SUPPORTED:
         raise ValueError(
             f"memory_kind={memory_kind!r} is offered by the devices ({kinds}) but cannot hold "
-            f"a buffer with jax {jax.__version__}: jit cannot place results there (they land "
-            "in device memory) and a donated update of such an array aborts; use "
-            f"memory_kind='pinned_host' or None")
+            f"a buffer with jax {jax.__version__}: no transfer inside jit can target it (the "
+            "result lands in device memory; only the outermost jit's out_shardings can), and a "
+            "donated jitted update of such an array without them aborts the process; use "
+            "memory_kind='pinned_host' or None")
     return memory_kind
 
 

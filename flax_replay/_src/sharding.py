@@ -40,6 +40,11 @@ Sampling modes (`sampling=`), the trade-off:
   is the single-device draw itself), reads the items it owns and a reduce-scatter hands each
   shard its slice of the batch: the sampled items cross devices once.
 
+Host memory: a buffer made with `memory_kind="pinned_host"` keeps this layout; the experience
+leaves' shardings carry the memory kind (`layout.in_storage`), so every device holds its rows
+in its host memory and its trees in device memory, and each shard's block is written and
+gathered there by the unchanged core (`memory.py`).
+
 Checkpoints: the state is a pytree of global arrays; Orbax saves and restores it from every
 process. `abstract_state` gives restore targets with this mesh's shardings, and `reshard`
 turns a state written on any number of shards (or unsharded) into this buffer's layout
@@ -134,10 +139,6 @@ class ShardedBuffer:
         require_unreplaced(self.buffer, "shard")
         if self.sampling not in ("local", "global"):
             raise ValueError(f"sampling must be 'local' or 'global', got {self.sampling!r}")
-        if self.buffer.core.memory_kind is not None:
-            # Not done yet: the shardings and shard_map blocks would need the memory kind.
-            raise ValueError(f"a buffer with memory_kind={self.buffer.core.memory_kind!r} "
-                             "cannot be sharded yet; make it with memory_kind=None")
         if self.episodes and self.sampling == "global":
             raise ValueError("an episode-aware buffer (episode_end_key) is sharded with "
                              "sampling='local' only, for now")
@@ -184,9 +185,15 @@ class ShardedBuffer:
         """A `PartitionSpec` for every array of `state` (concrete or abstract)."""
         return layout.partition_specs(state, self.axis)
 
+    @property
+    def memory_kind(self) -> Optional[str]:
+        """Where the experience leaves live (the buffer's `memory_kind`; None: device)."""
+        return self.buffer.core.memory_kind
+
     def shardings(self, state: Any) -> Any:
-        """A `NamedSharding` on `mesh` for every array of `state` (for `jit`, Orbax)."""
-        return layout.shardings(state, self.mesh, self.axis)
+        """A `NamedSharding` on `mesh` for every array of `state` (for `jit`, Orbax); the
+        experience leaves carry the buffer's `memory_kind`."""
+        return layout.shardings(state, self.mesh, self.axis, self.memory_kind)
 
     def init(self, experience: PyTree):
         """The empty state for steps shaped like `experience`, created in place on the mesh
@@ -225,14 +232,15 @@ class ShardedBuffer:
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def _regroup_placed(self, state: TrajectoryBufferState, num_shards: Optional[int]):
         out = regroup_priorities(state, self.buffer.core, num_shards)
-        return layout.constrain(out, self.mesh, self.partition_specs(out))
+        return layout.constrain(out, self.mesh, self.partition_specs(out), self.memory_kind)
 
     # ----------------------------------------------------------------- shard_map plumbing
     def _map(self, body, in_specs, out_specs):
         """`body` on every shard's block (call it under `jit`); the arguments are first put
         where `in_specs` says (a no-op when they are there already, as a donated state is)."""
         mapped = jax.shard_map(body, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs)
-        return lambda *args: mapped(*layout.constrain(args, self.mesh, in_specs))
+        return lambda *args: mapped(*layout.constrain(args, self.mesh, in_specs,
+                                                      self.memory_kind))
 
     def _shard(self) -> Array:
         return jax.lax.axis_index(self.axis)
