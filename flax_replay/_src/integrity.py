@@ -136,11 +136,23 @@ def _first(mask: np.ndarray) -> int:
 
 def tree_problems(sums: np.ndarray, mins: np.ndarray, max_priority: Any,
                   branching: Optional[int] = None) -> list[str]:
-    """What is wrong with a priority state (host arrays); [] if nothing."""
+    """What is wrong with a priority state (host arrays); [] if nothing.
+
+    `sums`, `mins`: `[..., nodes]`; leading axes (a sharded buffer's shards, a vmapped
+    buffer's copies) are separate trees, each checked, with `max_priority` `[...]` or `[]`."""
     sums, mins = np.asarray(sums, np.float32), np.asarray(mins, np.float32)
+    if sums.shape != mins.shape or sums.ndim < 1:
+        return [f"sum_tree {sums.shape} and min_tree {mins.shape} must be equal shapes "
+                "[..., nodes]"]
+    if sums.ndim > 1:
+        lead = sums.shape[:-1]
+        mp = np.asarray(max_priority, np.float32)
+        if mp.shape not in ((), lead):
+            return [f"max_priority {mp.shape} must be [] or {lead}, as the trees' leading axes"]
+        mp = np.broadcast_to(mp, lead)
+        return [f"tree {i}: {p}" for i in np.ndindex(lead)
+                for p in tree_problems(sums[i], mins[i], mp[i], branching)]
     problems = []
-    if sums.shape != mins.shape or sums.ndim != 1:
-        return [f"sum_tree {sums.shape} and min_tree {mins.shape} must be equal 1-D shapes"]
     geo = _tree_geometry(sums.size, branching)
     if geo is None:
         return [f"sum_tree: {sums.size} nodes is no tree of branching {branching or 'any'}"]
