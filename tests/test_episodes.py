@@ -99,7 +99,7 @@ def jitted(buf, name):
 def positive_leaves(buf, state) -> set:
     core = buf.core
     if hasattr(state, "window_count"):
-        leaves = sum_tree.leaves(state.window_count, core.count_geometry)
+        leaves = core.sampleable(state)
     else:
         leaves = sum_tree.leaves(state.priority_state.sum_tree, core.tree_geometry)
     return set(np.flatnonzero(np.asarray(leaves) > 0).tolist())
@@ -395,9 +395,7 @@ def test_flat_pairs_never_start_on_an_episode_end(prioritised):
                         np.asarray(pair.second["id"]).tolist()):
             row, s = model.find(a)
             assert (row, s) in model.valid_items() and model.steps(row, s) == [a, b]
-    tree = state.priority_state.sum_tree if prioritised else state.window_count
-    geo = buf.core.tree_geometry if prioritised else buf.core.count_geometry
-    got = set(np.flatnonzero(np.asarray(sum_tree.leaves(tree, geo))).tolist())
+    got = positive_leaves(buf, state)
     assert got == {model.leaf(r, s) for r, s in model.valid_items()}
 
 

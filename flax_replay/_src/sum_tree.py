@@ -395,6 +395,16 @@ def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, 
 def sample_with_values(tree: jax.Array, geo: Geometry,
                        targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(leaf, value)`, both `[B]`: the leaves of `sample` and their (exact) stored values."""
+    leaf, value, _ = sample_with_residuals(tree, geo, targets)
+    return leaf, value
+
+
+def sample_with_residuals(tree: jax.Array, geo: Geometry,
+                          targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(leaf, value, residual)`, all `[B]`: `sample_with_values` and, per target, what is
+    left of it inside the leaf reached, in `[0, value]` (the target minus the leaves before
+    it). A uniform target in `[0, total)` leaves a residual uniform in `[0, value)`: a leaf
+    holding a count can pick one of its counted items from it."""
     k = geo.branching
     j = jnp.arange(k)
 
@@ -424,7 +434,7 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
     # the whole array each time).
     for d in range(1, geo.depth + 1):
         node, target, value = level(d, (node, target, value))
-    return node, value
+    return node, value, target
 
 
 def sample(tree: jax.Array, geo: Geometry, targets: jax.Array) -> jax.Array:
