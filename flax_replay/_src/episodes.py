@@ -172,6 +172,23 @@ class PrioritisedEpisodeSample(PrioritisedSample):
     mask: Array
 
 
+def with_full_mask(sample: Sample, length: int) -> Sample:
+    """`sample` (experience `[B, L, ...]`) as a padded sample whose steps are all real: a
+    `mask` of True `[B, L]` (e.g. to mix it with padded samples). ValueError when its
+    experience is not sequences of `length` steps."""
+    leaves = jax.tree_util.tree_leaves(sample.experience)
+    shapes = {tuple(x.shape[:2]) for x in leaves}
+    if len(shapes) != 1 or any(len(x.shape) < 2 for x in leaves) \
+            or next(iter(shapes))[1] != length:
+        raise ValueError(
+            f"mixing padded sequences (mask [B, {length}]) with a sample whose experience is "
+            f"not [B, {length}, ...] sequences (leading shapes {sorted(shapes)})")
+    b = next(iter(shapes))[0]
+    fields = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}
+    kind = PrioritisedEpisodeSample if isinstance(sample, PrioritisedSample) else EpisodeSample
+    return kind(mask=jnp.ones((b, length), bool), **fields)
+
+
 # ------------------------------------------------------------------------------- cores
 class EpisodeMethods:
     """What an episode-aware core adds to `TrajectoryCore` / `PrioritisedCore` (a mixin: the
