@@ -75,6 +75,15 @@ def init(geo: Geometry, identity: float) -> jax.Array:
     return jnp.full((geo.num_nodes,), identity, jnp.float32)
 
 
+def from_leaves(values: jax.Array, geo: Geometry) -> jax.Array:
+    """The sum tree whose leaves are `values` `[num_leaves]`, built densely level by level
+    (no scatter): the same nodes as writing the leaves with `update`."""
+    pad = jnp.zeros((geo.sizes[-1] - geo.num_leaves,), jnp.float32)
+    tree = jnp.concatenate([jnp.zeros((geo.offsets[-1],), jnp.float32),
+                            values.astype(jnp.float32), pad])
+    return _dense_top(tree, geo, geo.depth, "sum")
+
+
 def leaves(tree: jax.Array, geo: Geometry) -> jax.Array:
     """`[num_leaves]` view of the leaf level (without its padding)."""
     return tree[geo.offsets[-1] : geo.offsets[-1] + geo.num_leaves]
