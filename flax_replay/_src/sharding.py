@@ -315,7 +315,7 @@ class ShardedBuffer:
         """Uniform over the valid windows of all shards: every shard inverts the same
         targets over the shards' window counts (as prioritised global sampling does over
         their totals), then its own column tree for the targets that fall on it."""
-        k, core = self._shard(), self.local.core
+        core = self.local.core
         assert isinstance(core, EpisodeCore) and isinstance(state, EpisodeTrajectoryBufferState)
         totals = jax.lax.all_gather(sum_tree.root(state.window_count), self.axis)  # [S]
         target = jax.random.uniform(key, (b,), jnp.float32) * jnp.sum(totals)
@@ -348,9 +348,10 @@ class ShardedBuffer:
         leaf = sum_tree.sample(ps.sum_tree, core.tree_geometry,
                                jnp.where(mine, local_target, 0.0))
         out = core.sample_at(state, jnp.where(mine, leaf, 0), grand)
+        out = out.replace(indices=out.indices + k * core.num_items)
         if isinstance(core, EpisodeMethods):  # padded: zeros after the end, and the mask
-            out = core.with_mask(out)
-        return self._gather_owned(mine, out.replace(indices=out.indices + k * core.num_items))
+            return self._gather_owned(mine, core.with_mask(out))
+        return self._gather_owned(mine, out)
 
     def _gather_owned(self, mine: Array, out):
         """The global sample from each shard's owned items (`mine` `[B]`): each item is
