@@ -304,7 +304,7 @@ def test_callable_end_key_and_dataclass_experience():
     state = core.init(Step(jnp.zeros((2,)), jnp.ones(())))
     disc = jnp.array([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0]])
     state = core.add(state, Step(jnp.zeros((1, 6, 2)), disc))
-    np.testing.assert_array_equal(state.window_valid[:5], [True, False, True, True, False])
+    np.testing.assert_array_equal(state.window_valid[0, :5], [True, False, True, True, False])
 
 
 @pytest.mark.parametrize("alpha", [None, 0.6])

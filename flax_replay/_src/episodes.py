@@ -18,7 +18,9 @@ Incremental validity. Each add writes the end flags of its steps (`episode_ends`
 `episode_starts` = the previous step ended an episode; the very first step of a row starts
 one) beside the experience, and decides, once, the validity of every window the add
 completes (`Turnover.start_in`): `L - 1` flags per completed window, read by dynamic slices
-for a small add. The flags live in `window_valid` `[num_items]` (row-major `[R, slots]`).
+for a small add. The flags live in `window_valid` `[R, slots]` (the slots of a row are the
+leaves of its windows, `leaf = row * slots + slot`; 2-D so that writing a column is a
+dynamic update in place: a reshape around it would make XLA copy the array on every add).
 
 Uniform sampling. Every row is written at the same time index, so an add completes (and
 breaks) the same slots in every row: a column of the `[R, slots]` grid. A uniform buffer
@@ -138,8 +140,8 @@ class EpisodeTrajectoryBufferState(TrajectoryBufferState):
 
     episode_ends / episode_starts: bool `[add_batch_size, max_length_time_axis]`, per stored
       step: it ends an episode / it starts one.
-    window_valid: bool `[num_items]`, the episode validity of the window in each slot, decided
-      when the window was completed.
+    window_valid: bool `[add_batch_size, slots_per_row]`, the episode validity of the window
+      in each slot, decided when the window was completed.
     window_count: float32 sum tree (`[num_nodes]`) over the `slots_per_row` columns: the
       number of valid stored windows in each column (rows of that slot).
     """
@@ -206,7 +208,7 @@ class EpisodeMethods:
     def _episode_fields(self) -> dict[str, Array]:
         shape = (self.add_batch_size, self.max_length_time_axis)
         return dict(episode_ends=jnp.zeros(shape, bool), episode_starts=jnp.zeros(shape, bool),
-                    window_valid=jnp.zeros((self.num_items,), bool))
+                    window_valid=jnp.zeros((self.add_batch_size, self.slots_per_row), bool))
 
     def _write_flags(self, state: Any, rows: PyTree, written: Array) -> dict[str, Array]:
         """The end/start flags of the new steps `rows` `[R, A, ...]` written at the write head."""
@@ -265,17 +267,18 @@ class EpisodeMethods:
         ok = self._window_ok(state, turn.start_in)  # [R, m]
         m = turn.start_in.shape[0]
         if m > SMALL_ADD:
-            valid = state.window_valid.at[turn.leaf_in].set(
-                jnp.where(turn.mask_in, ok.reshape(-1), state.window_valid[turn.leaf_in]))
-            return turn, ok.reshape(-1), valid
+            flat = state.window_valid.reshape(-1)
+            valid = flat.at[turn.leaf_in].set(
+                jnp.where(turn.mask_in, ok.reshape(-1), flat[turn.leaf_in]))
+            return turn, ok.reshape(-1), valid.reshape(state.window_valid.shape)
         # Row 0's leaves are the slots; every row completes the same ones: one column each.
-        grid = state.window_valid.reshape(self.add_batch_size, -1)
+        grid = state.window_valid
         for j in range(m):
             slot, keep = turn.leaf_in[j], turn.mask_in[j]
             old = jax.lax.dynamic_slice_in_dim(grid, slot, 1, axis=1)
             grid = jax.lax.dynamic_update_slice_in_dim(
                 grid, jnp.where(keep, ok[:, j:j + 1], old), slot, axis=1)
-        return turn, ok.reshape(-1), grid.reshape(-1)
+        return turn, ok.reshape(-1), grid
 
     def check_can_sample(self, state: Any) -> None:
         checks.value_check(
@@ -321,8 +324,7 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
     def sampleable(self, state: EpisodeTrajectoryBufferState) -> Array:
         """bool `[num_items]`: the windows a sample can return (valid and stored)."""
         live = sum_tree.leaves(state.window_count, self.count_geometry) > 0  # [slots]
-        grid = state.window_valid.reshape(self.add_batch_size, -1)
-        return (grid & live[None, :]).reshape(-1)
+        return (state.window_valid & live[None, :]).reshape(-1)
 
     def init(self, experience: PyTree) -> EpisodeTrajectoryBufferState:
         self.episodes.check_experience(experience)
@@ -368,7 +370,7 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
             state.window_count, self.count_geometry, targets)
         k = jnp.clip(jnp.floor(residual), 0, jnp.maximum(count - 1, 0)).astype(jnp.int32)
         r = self.add_batch_size
-        column = state.window_valid[jnp.arange(r) * self.slots_per_row + slot[:, None]]
+        column = state.window_valid[jnp.arange(r)[None, :], slot[:, None]]  # [b, R]
         # The k-th True of each column [b, R]: the rows whose running count is <= k.
         if r <= 32:  # running sums unrolled: cheaper than a cumsum for a few rows
             cols = [column[:, 0].astype(jnp.int32)]
@@ -427,7 +429,7 @@ class PrioritisedEpisodeCore(EpisodeMethods, PrioritisedCore):
         idx, p, _ = self._checked_update(indices, priorities, versions)
         safe = jnp.clip(idx, 0, self.num_items - 1)
         bad = (idx < 0) | (idx >= self.num_items) | ~jnp.isfinite(p) | (p < 0)
-        keep = state.window_valid[safe] | bad
+        keep = state.window_valid.reshape(-1)[safe] | bad
         if mask is not None:
             keep = keep & jnp.asarray(mask, bool)
         return cast(PrioritisedEpisodeTrajectoryBufferState,
