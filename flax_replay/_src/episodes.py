@@ -204,6 +204,7 @@ class EpisodeMethods:
     sample_sequence_length: int
     period: int
     num_items: int
+    slots_per_row: int
 
     def _episode_fields(self) -> dict[str, Array]:
         shape = (self.add_batch_size, self.max_length_time_axis)
