@@ -38,7 +38,9 @@ Sampling modes (`sampling=`), the trade-off:
 - "global": the exact distribution of the whole buffer (uniform over all valid items, or
   `p_i / sum_k total_k`). Every shard makes the same draw from the same key (a uniform draw
   is the single-device draw itself), reads the items it owns and a reduce-scatter hands each
-  shard its slice of the batch: the sampled items cross devices once.
+  shard its slice of the batch: the sampled items cross devices once. Episode-aware buffers
+  (`episodes.py`) invert the shards' counts of valid windows the same way (S floats), then
+  their own column trees; padded samples carry their `mask` through the reduce-scatter.
 
 Checkpoints: the state is a pytree of global arrays; Orbax saves and restores it from every
 process. `abstract_state` gives restore targets with this mesh's shardings, and `reshard`
