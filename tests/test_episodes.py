@@ -99,7 +99,7 @@ def jitted(buf, name):
 def positive_leaves(buf, state) -> set:
     core = buf.core
     if hasattr(state, "window_count"):
-        leaves = sum_tree.leaves(state.window_count, core.count_geometry)
+        leaves = core.sampleable(state)
     else:
         leaves = sum_tree.leaves(state.priority_state.sum_tree, core.tree_geometry)
     return set(np.flatnonzero(np.asarray(leaves) > 0).tolist())
@@ -304,7 +304,7 @@ def test_callable_end_key_and_dataclass_experience():
     state = core.init(Step(jnp.zeros((2,)), jnp.ones(())))
     disc = jnp.array([[1.0, 0.0, 1.0, 1.0, 0.0, 1.0]])
     state = core.add(state, Step(jnp.zeros((1, 6, 2)), disc))
-    np.testing.assert_array_equal(state.window_valid[:5], [True, False, True, True, False])
+    np.testing.assert_array_equal(state.window_valid[0, :5], [True, False, True, True, False])
 
 
 @pytest.mark.parametrize("alpha", [None, 0.6])
@@ -395,9 +395,7 @@ def test_flat_pairs_never_start_on_an_episode_end(prioritised):
                         np.asarray(pair.second["id"]).tolist()):
             row, s = model.find(a)
             assert (row, s) in model.valid_items() and model.steps(row, s) == [a, b]
-    tree = state.priority_state.sum_tree if prioritised else state.window_count
-    geo = buf.core.tree_geometry if prioritised else buf.core.count_geometry
-    got = set(np.flatnonzero(np.asarray(sum_tree.leaves(tree, geo))).tolist())
+    got = positive_leaves(buf, state)
     assert got == {model.leaf(r, s) for r, s in model.valid_items()}
 
 
@@ -437,8 +435,6 @@ def test_sharded_local_sampling_same_laws(alpha, mode):
     buf = make(cfg, alpha, batch=64)
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,))
     sharded = fbx.shard(buf, mesh, "data", sampling="local")
-    with pytest.raises(ValueError, match="sampling='local' only"):
-        fbx.shard(buf, mesh, "data", sampling="global")
     eps = Episodes(4, 8, np.random.default_rng(11))
     model = reference.TrajectoryModel(4, 8, 3, 1, 3, priority_exponent=alpha, end=eps.end,
                                       mode=mode)
@@ -475,6 +471,53 @@ def test_sharded_local_sampling_same_laws(alpha, mode):
     every = [i for i in plain_model.valid_items() if i[0] // 2 == 0]
     if len(every) > len([i for i in valid if i[0] // 2 == 0]):
         assert chi_square({i: counts.get(i, 0) for i in every}, {i: 1.0 for i in every}) < 1e-3
+
+
+@pytest.mark.parametrize("alpha,mode", [(None, "within_episode"), (0.6, "padded")])
+def test_sharded_global_sampling_and_reshard(alpha, mode):
+    """8 rows over 4 devices, global sampling: the windows of all shards are drawn uniformly /
+    by priority together (chi-square, p > 0.001), with padding masked as unsharded; the law
+    that ignores episodes is rejected. Resharding to 2 shards and unsharding give exactly the
+    states of buffers that were sharded that way (or not) from the start."""
+    from jax.sharding import AxisType
+
+    p = 1 if mode == "within_episode" else 2  # padded: off-grid windows not starting one
+    cfg = (8, 8, 3, p, mode)
+    buf = make(cfg, alpha, batch=64)
+    mesh4, mesh2 = (jax.make_mesh((n,), ("data",), axis_types=(AxisType.Explicit,),
+                                  devices=jax.devices()[:n]) for n in (4, 2))
+    sharded = fbx.shard(buf, mesh4, "data", sampling="global")
+    halves = fbx.shard(buf, mesh2, "data", sampling="global")
+    eps = Episodes(8, 8, np.random.default_rng(12))
+    model = reference.TrajectoryModel(8, 8, 3, p, 3, priority_exponent=alpha, end=eps.end,
+                                      mode=mode)
+    state, two, plain = sharded.init(EXAMPLE), halves.init(EXAMPLE), buf.init(EXAMPLE)
+    add4, add2 = jax.jit(sharded.add), jax.jit(halves.add)
+    for _ in range(6):
+        batch = eps.batch(2)
+        state, two, plain = add4(state, batch), add2(two, batch), buf.add(plain, batch)
+        model.add(batch["id"].tolist())
+    for got, want in [(sharded.unshard(state), plain), (halves.reshard(state), two)]:
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    assert bool(sharded.can_sample(state)) == model.can_sample()
+    valid = model.valid_items()
+    out = jax.jit(jax.vmap(sharded.sample, in_axes=(None, 0)))(
+        state, jax.random.split(jax.random.key(3), 100))
+    if mode == "padded":
+        check_sample(jax.tree.map(lambda x: np.asarray(x)[0], out), model, mode, 3)
+    ids = np.asarray(out.experience["id"])[:, :, 0].reshape(-1)
+    counts: dict = {}
+    for i in ids.tolist():
+        counts[model.find(i)] = counts.get(model.find(i), 0) + 1
+    assert len({r // 2 for r, _ in counts}) == 4  # every shard's windows are drawn
+    # Uniform, and prioritised with every window at the initial max priority 1.
+    assert chi_square(counts, {i: 1.0 for i in valid}) > 1e-3
+    plain_model = reference.TrajectoryModel(8, 8, 3, model.slot_period, 3)
+    plain_model.history = model.history
+    every = plain_model.valid_items()
+    assert set(every) > set(valid), "the fixture must hold invalid windows"
+    assert chi_square({i: counts.get(i, 0) for i in every}, {i: 1.0 for i in every}) < 1e-3
 
 
 def test_checkpoint_roundtrip_keeps_episode_state(tmp_path):

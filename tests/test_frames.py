@@ -126,10 +126,12 @@ def check_against_model(name: str, buffer, state, sample, model, data: Data) -> 
                                                  buffer.core.tree_geometry))
         expected = {r * cap + (t - k_max + 1) % cap for r, t in sampleable}
         assert set(np.flatnonzero(leaf_values > 0).tolist()) == expected
-    elif ends is not None:  # a uniform episode buffer: the 0/1 tree of its valid items
+    elif ends is not None:  # a uniform episode buffer: valid items counted per slot (column)
         counts = np.asarray(sum_tree.leaves(state.window_count, buffer.core.count_geometry))
-        expected = {r * cap + (t - k_max + 1) % cap for r, t in sampleable}
-        assert set(np.flatnonzero(counts > 0).tolist()) == expected
+        expected = np.zeros(cap)
+        for r, t in sampleable:
+            expected[(t - k_max + 1) % cap] += 1
+        np.testing.assert_array_equal(counts, expected)
     if sample is None:
         return
     exp = jax.device_get(sample.experience)

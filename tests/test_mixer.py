@@ -155,3 +155,56 @@ def test_can_sample_needs_every_buffer(two_buffers):
         mixer.sample((state_a,), jax.random.key(0))
     with pytest.raises(ValueError, match="proportion"):
         fbx.make_mixer([a, b], 8, [1])
+
+
+# ------------------------------------------------------------------------------- episodes
+def _episode_buffers():
+    """A padded episode-aware buffer, a plain trajectory buffer of the same sequences, and a
+    filled state of each (episodes of 1 to 4 steps, so many padded windows)."""
+    import warnings
+
+    kw = dict(add_batch_size=2, sample_batch_size=8, sample_sequence_length=4, period=1,
+              min_length_time_axis=4, max_length_time_axis=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        padded = fbx.make_trajectory_buffer(**kw, episode_end_key="done",
+                                            sequence_mode="padded")
+        plain = fbx.make_trajectory_buffer(**kw)
+    example = {"id": jnp.int32(0), "done": jnp.bool_(False)}
+    rng = np.random.default_rng(4)
+    batch = {"id": jnp.arange(1, 25, dtype=jnp.int32).reshape(2, 12),
+             "done": jnp.asarray(rng.random((2, 12)) < 0.4)}
+    return [(b, jax.jit(b.add)(b.init(example), batch)) for b in (padded, plain)]
+
+
+def test_mixer_concatenates_padded_masks():
+    """Masks are concatenated like the experience; a part without a mask (every step real)
+    gets an all-True one; each part is exactly its buffer's own sample."""
+    (padded, s_pad), (plain, s_plain) = _episode_buffers()
+    key = jax.random.key(3)
+    for buffers, states in [((padded, plain), (s_pad, s_plain)),
+                            ((padded, padded), (s_pad, s_pad))]:
+        mixer = fbx.make_mixer(list(buffers), 12, [2, 1])
+        out = jax.jit(mixer.sample)(list(states), key)
+        assert out.mask.shape == (12, 4) and out.experience["id"].shape == (12, 4)
+        keys = jax.random.split(key, 2)
+        for part, buf, state, k, n in zip(mixer.split(out), buffers, states, keys,
+                                          mixer.batch_sizes):
+            own = jax.jit(buf.sample, static_argnums=2)(state, k, n)
+            np.testing.assert_array_equal(part.experience["id"], own.experience["id"])
+            want = own.mask if hasattr(own, "mask") else np.ones((n, 4), bool)
+            np.testing.assert_array_equal(part.mask, want)
+        # Padding is zeros and masked off in the padded part; real steps are ids > 0.
+        np.testing.assert_array_equal(np.asarray(out.experience["id"]) > 0, out.mask)
+    assert not np.asarray(out.mask).all(), "the fixture must hold padded windows"
+
+
+def test_mixer_refuses_mask_with_other_sequences():
+    (padded, s_pad), _ = _episode_buffers()
+    flat = fbx.make_flat_buffer(max_length=16, min_length=2, sample_batch_size=4,
+                                add_sequences=True)
+    s_flat = flat.add(flat.init({"id": jnp.int32(0), "done": jnp.bool_(False)}),
+                      {"id": jnp.arange(1, 5, dtype=jnp.int32), "done": jnp.zeros(4, bool)})
+    mixer = fbx.make_mixer([padded, flat], 8, [1, 1])
+    with pytest.raises(ValueError, match=r"mixing padded sequences \(mask \[B, 4\]\)"):
+        mixer.sample([s_pad, s_flat], jax.random.key(0))

@@ -19,11 +19,22 @@ off the grid that do not start an episode are simply never valid.
 Incremental validity. Each add writes the end flags of its steps (`episode_ends`, and
 `episode_starts` = the previous step ended an episode; the very first step of a row starts
 one) beside the experience, and decides, once, the validity of every window the add
-completes (`Turnover.start_in`): a gather of `L - 1` flags per completed window. The flags
-live in `window_valid` `[num_items]`. A uniform buffer keeps a sum tree of 0/1 over the slots
-(`window_count`) and samples it by inverse CDF, so sampling is uniform over the valid windows
-at O(B log N); a prioritised buffer gives a completed invalid window the leaf 0 instead of the
-max priority and ignores `set_priorities` for it, so its probability is exactly 0.
+completes (`Turnover.start_in`): `L - 1` flags per completed window, read by dynamic slices
+for a small add. The flags live in `window_valid` `[R, slots]` (the slots of a row are the
+leaves of its windows, `leaf = row * slots + slot`; 2-D so that writing a column is a
+dynamic update in place: a reshape around it would make XLA copy the array on every add).
+
+Uniform sampling. Every row is written at the same time index, so an add completes (and
+breaks) the same slots in every row: a column of the `[R, slots]` grid. A uniform buffer
+keeps a sum tree over the *slots* (`window_count`, `slots_per_row` leaves), whose leaf is the
+number of valid stored windows of that column (0 once the column's windows are overwritten).
+An add of a few steps then rewrites one or two leaves (the small, loop-free path of
+`sum_tree.update`) instead of `2 R` leaves of a tree over all windows. A draw descends the
+tree to a column with probability `count / total`, and the target's residual inside that
+leaf, uniform in `[0, count)`, picks the `k`-th valid row of the column: every valid window
+has probability exactly `1 / total`. A prioritised buffer gives a completed invalid window the
+leaf 0 instead of the max priority and ignores `set_priorities` for it, so its probability is
+exactly 0.
 """
 
 from __future__ import annotations
@@ -44,6 +55,9 @@ from flax_replay._src.priorities import (
 from flax_replay._src.typing import Array, PyTree
 
 SEQUENCE_MODES = ("within_episode", "padded")
+# Adds completing at most this many windows per row read and write their flags with dynamic
+# slices, one column at a time; larger ones (a first fill) with one gather / scatter.
+SMALL_ADD = 4
 EndKey = Union[str, Callable[[PyTree], Array]]
 
 
@@ -134,9 +148,10 @@ class EpisodeTrajectoryBufferState(TrajectoryBufferState):
 
     episode_ends / episode_starts: bool `[add_batch_size, max_length_time_axis]`, per stored
       step: it ends an episode / it starts one.
-    window_valid: bool `[num_items]`, the episode validity of the window in each slot, decided
-      when the window was completed.
-    window_count: float32 sum tree (`[num_nodes]`) over the slots, 1 for a valid stored window.
+    window_valid: bool `[add_batch_size, slots_per_row]`, the episode validity of the window
+      in each slot, decided when the window was completed.
+    window_count: float32 sum tree (`[num_nodes]`) over the `slots_per_row` columns: the
+      number of valid stored windows in each column (rows of that slot).
     """
 
     episode_ends: Array
@@ -167,6 +182,23 @@ class PrioritisedEpisodeSample(PrioritisedSample):
     mask: Array
 
 
+def with_full_mask(sample: Sample, length: int) -> Sample:
+    """`sample` (experience `[B, L, ...]`) as a padded sample whose steps are all real: a
+    `mask` of True `[B, L]` (e.g. to mix it with padded samples). ValueError when its
+    experience is not sequences of `length` steps."""
+    leaves = jax.tree_util.tree_leaves(sample.experience)
+    shapes = {tuple(x.shape[:2]) for x in leaves}
+    if len(shapes) != 1 or any(len(x.shape) < 2 for x in leaves) \
+            or next(iter(shapes))[1] != length:
+        raise ValueError(
+            f"mixing padded sequences (mask [B, {length}]) with a sample whose experience is "
+            f"not [B, {length}, ...] sequences (leading shapes {sorted(shapes)})")
+    b = next(iter(shapes))[0]
+    fields = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)}
+    kind = PrioritisedEpisodeSample if isinstance(sample, PrioritisedSample) else EpisodeSample
+    return kind(mask=jnp.ones((b, length), bool), **fields)
+
+
 # ------------------------------------------------------------------------------- cores
 class EpisodeMethods:
     """What an episode-aware core adds to `TrajectoryCore` / `PrioritisedCore` (a mixin: the
@@ -180,11 +212,12 @@ class EpisodeMethods:
     sample_sequence_length: int
     period: int
     num_items: int
+    slots_per_row: int
 
     def _episode_fields(self) -> dict[str, Array]:
         shape = (self.add_batch_size, self.max_length_time_axis)
         return dict(episode_ends=jnp.zeros(shape, bool), episode_starts=jnp.zeros(shape, bool),
-                    window_valid=jnp.zeros((self.num_items,), bool))
+                    window_valid=jnp.zeros((self.add_batch_size, self.slots_per_row), bool))
 
     def _write_flags(self, state: Any, rows: PyTree, written: Array) -> dict[str, Array]:
         """The end/start flags of the new steps `rows` `[R, A, ...]` written at the write head."""
@@ -210,21 +243,53 @@ class EpisodeMethods:
         t, l = self.max_length_time_axis, self.sample_sequence_length
         if self.episodes.padded:
             on_grid = (start % self.episodes.period == 0)[None, :]
-            return on_grid | state.episode_starts[:, start % t]
+            if start.shape[0] <= SMALL_ADD:
+                starts = jnp.concatenate([jax.lax.dynamic_slice_in_dim(
+                    state.episode_starts, s % t, 1, axis=1) for s in start], axis=1)
+            else:
+                starts = state.episode_starts[:, start % t]
+            return on_grid | starts
         c = self.episodes.lead
-        if l - 1 - c <= 0:
+        n = l - 1 - c  # flags that must be False: positions c .. L - 2 of the window
+        if n <= 0:
             return jnp.ones((self.add_batch_size, start.shape[0]), bool)
-        time = (start[:, None] + c + jnp.arange(l - 1 - c)) % t  # [m, L - 1 - c]
+        if start.shape[0] <= SMALL_ADD:
+            return jnp.stack([~jnp.any(self._flags_from(state.episode_ends, s + c, n), axis=-1)
+                              for s in start], axis=1)
+        time = (start[:, None] + c + jnp.arange(n)) % t  # [m, n]
         return ~jnp.any(state.episode_ends[:, time], axis=-1)
+
+    def _flags_from(self, flags: Array, start: Array, n: int) -> Array:
+        """`[R, n]`: `flags[:, (start + i) % T]` for i < n (n <= T), by dynamic slices (a
+        gather's indices cost more than the few flags it reads). The window may wrap around
+        the time axis: the last and the first n columns, side by side, are consecutive times,
+        and the window is a slice of them."""
+        t = self.max_length_time_axis
+        start = start % t
+        lo = jnp.minimum(start, t - n)
+        pair = jnp.concatenate([jax.lax.dynamic_slice_in_dim(flags, lo, n, axis=1),
+                                flags[:, :n]], axis=1)
+        return jax.lax.dynamic_slice_in_dim(pair, start - lo, n, axis=1)
 
     def _entering(self, state: Any, written: Array, a: int):
         """The turnover of an add of `a` steps and the validity `[R * m]` of the windows it
         completes; `state` is the state after the write."""
         turn = cast(TrajectoryCore, self).turnover(written, a)
-        ok = self._window_ok(state, turn.start_in).reshape(-1)
-        valid = state.window_valid.at[turn.leaf_in].set(
-            jnp.where(turn.mask_in, ok, state.window_valid[turn.leaf_in]))
-        return turn, ok, valid
+        ok = self._window_ok(state, turn.start_in)  # [R, m]
+        m = turn.start_in.shape[0]
+        if m > SMALL_ADD:
+            flat = state.window_valid.reshape(-1)
+            valid = flat.at[turn.leaf_in].set(
+                jnp.where(turn.mask_in, ok.reshape(-1), flat[turn.leaf_in]))
+            return turn, ok.reshape(-1), valid.reshape(state.window_valid.shape)
+        # Row 0's leaves are the slots; every row completes the same ones: one column each.
+        grid = state.window_valid
+        for j in range(m):
+            slot, keep = turn.leaf_in[j], turn.mask_in[j]
+            old = jax.lax.dynamic_slice_in_dim(grid, slot, 1, axis=1)
+            grid = jax.lax.dynamic_update_slice_in_dim(
+                grid, jnp.where(keep, ok[:, j:j + 1], old), slot, axis=1)
+        return turn, ok.reshape(-1), grid
 
     def check_can_sample(self, state: Any) -> None:
         checks.value_check(
@@ -264,7 +329,13 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
 
     @property
     def count_geometry(self) -> sum_tree.Geometry:
-        return sum_tree.geometry(self.num_items)
+        """The tree over the columns (slots of a row): one leaf per slot."""
+        return sum_tree.geometry(self.slots_per_row)
+
+    def sampleable(self, state: EpisodeTrajectoryBufferState) -> Array:
+        """bool `[num_items]`: the windows a sample can return (valid and stored)."""
+        live = sum_tree.leaves(state.window_count, self.count_geometry) > 0  # [slots]
+        return (state.window_valid & live[None, :]).reshape(-1)
 
     def init(self, experience: PyTree) -> EpisodeTrajectoryBufferState:
         self.episodes.check_experience(experience)
@@ -279,10 +350,14 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
         new = TrajectoryCore.add(self, state, rows, what)
         new = new.replace(**self._write_flags(state, rows, written))
         turn, ok, valid = self._entering(new, written, self.steps_in(rows, what))
-        index = jnp.concatenate([turn.leaf_out, turn.leaf_in])
-        mask = jnp.concatenate([turn.mask_out, turn.mask_in])
-        values = jnp.concatenate([jnp.zeros(turn.leaf_out.shape, jnp.float32),
-                                  ok.astype(jnp.float32)])
+        # One leaf per column: row 0's leaves are the slots (the masks are the same in every
+        # row). A column leaving counts 0; one entering counts its valid windows; where both
+        # (a large add), the entering one is written last and wins.
+        m = turn.start_in.shape[0]
+        counts = jnp.sum(ok.reshape(self.add_batch_size, m), axis=0, dtype=jnp.float32)
+        index = jnp.concatenate([turn.leaf_out[:m], turn.leaf_in[:m]])
+        mask = jnp.concatenate([turn.mask_out[:m], turn.mask_in[:m]])
+        values = jnp.concatenate([jnp.zeros((m,), jnp.float32), counts])
         (count,) = sum_tree.update((state.window_count,), self.count_geometry, index,
                                    (values,), mask, ("sum",))
         return cast(EpisodeTrajectoryBufferState,
@@ -293,11 +368,30 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
 
     def uniform_items(self, state: EpisodeTrajectoryBufferState,  # type: ignore[override]
                       rng_key: Array, b: int) -> tuple[Array, Array]:
-        """`(row, start)` `[b]`: valid windows drawn uniformly (inverse CDF of the 0/1 tree)."""
+        """`(row, start)` `[b]`: valid windows drawn uniformly (see the module docstring)."""
         total = sum_tree.root(state.window_count)
         u = jax.random.uniform(rng_key, (b,), jnp.float32)
-        leaf = sum_tree.sample(state.window_count, self.count_geometry, u * total)
-        return leaf // self.slots_per_row, leaf % self.slots_per_row * self.period
+        return self.items_at(state, u * total)
+
+    def items_at(self, state: EpisodeTrajectoryBufferState,
+                 targets: Array) -> tuple[Array, Array]:
+        """`(row, start)` `[b]` of targets `[b]` in `[0, total)`: the column by the tree's
+        inverse CDF, then the `floor(residual)`-th valid row of that column."""
+        slot, count, residual = sum_tree.sample_with_residuals(
+            state.window_count, self.count_geometry, targets)
+        k = jnp.clip(jnp.floor(residual), 0, jnp.maximum(count - 1, 0)).astype(jnp.int32)
+        r = self.add_batch_size
+        column = state.window_valid[jnp.arange(r)[None, :], slot[:, None]]  # [b, R]
+        # The k-th True of each column [b, R]: the rows whose running count is <= k.
+        if r <= 32:  # running sums unrolled: cheaper than a cumsum for a few rows
+            cols = [column[:, 0].astype(jnp.int32)]
+            for c in range(1, r):
+                cols.append(cols[-1] + column[:, c])
+            running = jnp.stack(cols, axis=1)
+        else:
+            running = jnp.cumsum(column, axis=1, dtype=jnp.int32)
+        row = jnp.minimum(jnp.sum(running <= k[:, None], axis=1, dtype=jnp.int32), r - 1)
+        return row, slot * self.period
 
     def sample(self, state: EpisodeTrajectoryBufferState,  # type: ignore[override]
                rng_key: Array, batch_size: Optional[int] = None) -> Sample:
@@ -346,7 +440,7 @@ class PrioritisedEpisodeCore(EpisodeMethods, PrioritisedCore):
         idx, p, _ = self._checked_update(indices, priorities, versions)
         safe = jnp.clip(idx, 0, self.num_items - 1)
         bad = (idx < 0) | (idx >= self.num_items) | ~jnp.isfinite(p) | (p < 0)
-        keep = state.window_valid[safe] | bad
+        keep = state.window_valid.reshape(-1)[safe] | bad
         if mask is not None:
             keep = keep & jnp.asarray(mask, bool)
         return cast(PrioritisedEpisodeTrajectoryBufferState,

@@ -132,7 +132,11 @@ def constrain(tree: PyTree, mesh: Mesh, specs: PyTree,
 
 def replicate_trees(state: Any, state_shardings: Any, mesh: Mesh) -> Any:
     """`state_shardings` with the priority trees replicated (they are read whole when their
-    leaves are regrouped; small next to the rows)."""
+    leaves are regrouped; small next to the rows), or a uniform episode-aware state's window
+    counts and validity flags (one bool per window)."""
+    if isinstance(state, EpisodeTrajectoryBufferState):  # window counts are recounted
+        return state_shardings.replace(window_count=NamedSharding(mesh, P()),
+                                       window_valid=NamedSharding(mesh, P()))
     if not isinstance(state, PrioritisedTrajectoryBufferState):
         return state_shardings
     return state_shardings.replace(priority_state=jax.tree.map(

@@ -4,6 +4,10 @@ Each buffer draws exactly its share of the batch with its own `sample(..., batch
 so every part has that buffer's own distribution. (Flashbax's mixer draws a full batch from
 each buffer and keeps the first rows; a stratified prioritised sample is sorted by tree
 position, so it only ever saw the low part of each tree.)
+
+Episode-aware buffers in `"padded"` mode return a `mask` `[n_i, L]` beside the experience;
+the masks are concatenated like the experience, and the part of a buffer whose samples carry
+no mask (no episodes, or `"within_episode"`: every step is real) gets an all-True one.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_replay._src import checks
+from flax_replay._src.episodes import with_full_mask
 from flax_replay._src.functions import FunctionFields
 
 
@@ -29,6 +34,14 @@ def _shares(batch: int, proportions: Sequence[float]) -> tuple[int, ...]:
     for i in order[: batch - sum(sizes)]:
         sizes[i] += 1
     return tuple(sizes)
+
+
+def _masked(parts: list) -> list:
+    """`parts`, each with a `mask` `[n, L]` if any has one (all True where none was)."""
+    if all(hasattr(p, "mask") for p in parts) or not any(hasattr(p, "mask") for p in parts):
+        return parts
+    length = next(p.mask.shape[1] for p in parts if hasattr(p, "mask"))
+    return [p if hasattr(p, "mask") else with_full_mask(p, length) for p in parts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +67,7 @@ class Mixer(FunctionFields):
             for buf, state, key, n in zip(self.buffers, states, keys, self.batch_sizes)
             if n > 0
         ]
-        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *_masked(parts))
 
     def split(self, sample: Any) -> list:
         """The per-buffer parts of a mixed sample (an empty part for a zero share)."""

@@ -38,7 +38,9 @@ Sampling modes (`sampling=`), the trade-off:
 - "global": the exact distribution of the whole buffer (uniform over all valid items, or
   `p_i / sum_k total_k`). Every shard makes the same draw from the same key (a uniform draw
   is the single-device draw itself), reads the items it owns and a reduce-scatter hands each
-  shard its slice of the batch: the sampled items cross devices once.
+  shard its slice of the batch: the sampled items cross devices once. Episode-aware buffers
+  (`episodes.py`) invert the shards' counts of valid windows the same way (S floats), then
+  their own column trees; padded samples carry their `mask` through the reduce-scatter.
 
 Host memory: a buffer made with `memory_kind="pinned_host"` keeps this layout; the experience
 leaves' shardings carry the memory kind (`layout.in_storage`), so every device holds its rows
@@ -65,7 +67,11 @@ from jax.sharding import PartitionSpec as P
 from flax_replay._src import checks, layout, sum_tree
 from flax_replay._src.buffers import Buffer
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
-from flax_replay._src.episodes import EpisodeMethods, EpisodeTrajectoryBufferState
+from flax_replay._src.episodes import (
+    EpisodeCore,
+    EpisodeMethods,
+    EpisodeTrajectoryBufferState,
+)
 from flax_replay._src.functions import require_unreplaced
 from flax_replay._src.priorities import (
     PrioritisedCore,
@@ -73,7 +79,7 @@ from flax_replay._src.priorities import (
     PrioritisedTrajectoryBufferState,
     importance_weights,
 )
-from flax_replay._src.reshard import regroup_priorities
+from flax_replay._src.reshard import regroup_priorities, regroup_window_counts
 from flax_replay._src.typing import Array, Axis, PyTree
 
 
@@ -139,9 +145,6 @@ class ShardedBuffer:
         require_unreplaced(self.buffer, "shard")
         if self.sampling not in ("local", "global"):
             raise ValueError(f"sampling must be 'local' or 'global', got {self.sampling!r}")
-        if self.episodes and self.sampling == "global":
-            raise ValueError("an episode-aware buffer (episode_end_key) is sharded with "
-                             "sampling='local' only, for now")
         missing = [a for a in layout.axes(self.axis) if a not in self.mesh.shape]
         if missing:
             raise ValueError(f"axis {self.axis!r}: the mesh has no axis {missing[0]!r} "
@@ -224,14 +227,13 @@ class ShardedBuffer:
         return self._regroup(state, None)
 
     def _regroup(self, state: TrajectoryBufferState, num_shards: Optional[int]):
-        if self.episodes:
-            raise ValueError("reshard/unshard: not supported for episode-aware buffers yet")
         where = layout.replicate_trees(state, self.shardings(state), self.mesh)
         return self._regroup_placed(jax.device_put(state, where), num_shards)
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def _regroup_placed(self, state: TrajectoryBufferState, num_shards: Optional[int]):
         out = regroup_priorities(state, self.buffer.core, num_shards)
+        out = regroup_window_counts(out, self.buffer.core, num_shards)
         return layout.constrain(out, self.mesh, self.partition_specs(out), self.memory_kind)
 
     # ----------------------------------------------------------------- shard_map plumbing
@@ -296,7 +298,8 @@ class ShardedBuffer:
         if self.sampling == "local":
             body = self._sample_local
         else:
-            body = self._sample_global_prioritised if self.prioritised else self._sample_global
+            body = (self._sample_global_prioritised if self.prioritised
+                    else self._sample_global_episodes if self.episodes else self._sample_global)
         return self._map(lambda st, key: body(_block_to_state(st), key, b),
                          (self.partition_specs(state), P()), P(self.axis))(state, rng_key)
 
@@ -318,6 +321,30 @@ class ShardedBuffer:
                                             start))
         return self._gather_owned(mine, out)
 
+    def _sample_global_episodes(self, state: TrajectoryBufferState, key: Array, b: int):
+        """Uniform over the valid windows of all shards: every shard inverts the same
+        targets over the shards' window counts (as prioritised global sampling does over
+        their totals), then its own column tree for the targets that fall on it."""
+        core = self.local.core
+        assert isinstance(core, EpisodeCore) and isinstance(state, EpisodeTrajectoryBufferState)
+        totals = jax.lax.all_gather(sum_tree.root(state.window_count), self.axis)  # [S]
+        target = jax.random.uniform(key, (b,), jnp.float32) * jnp.sum(totals)
+        mine, local_target = self._owned(totals, target)
+        row, start = core.items_at(state, jnp.where(mine, local_target, 0.0))
+        out = core.with_mask(Sample(experience=core.gather(state.experience, row, start)))
+        return self._gather_owned(mine, out)
+
+    def _owned(self, totals: Array, target: Array) -> tuple[Array, Array]:
+        """Which targets `[B]` (in `[0, sum(totals))`, the same on every shard) fall on this
+        shard, given every shard's total `[S]`, and where inside its own total."""
+        k = self._shard()
+        ends = jnp.cumsum(totals)
+        owner = jnp.searchsorted(ends, target, side="right")
+        # Rounding can put a target at the very end: give it to the last positive shard.
+        last = self.num_shards - 1 - jnp.argmax(totals[::-1] > 0)
+        owner = jnp.where(owner >= self.num_shards, last, owner)
+        return owner == k, jnp.clip(target - (ends[k] - totals[k]), 0.0, totals[k])
+
     def _sample_global_prioritised(self, state: TrajectoryBufferState, key: Array, b: int):
         """Every shard inverts the same targets over the shards' totals, then its own tree
         for the targets that fall on it."""
@@ -327,17 +354,14 @@ class ShardedBuffer:
         totals = jax.lax.all_gather(sum_tree.root(ps.sum_tree), self.axis)  # [S]
         grand = jnp.sum(totals)
         target = core.targets(key, b) * grand  # the same on every shard
-        ends = jnp.cumsum(totals)
-        owner = jnp.searchsorted(ends, target, side="right")
-        # Rounding can put a target at the very end: give it to the last positive shard.
-        last = self.num_shards - 1 - jnp.argmax(totals[::-1] > 0)
-        owner = jnp.where(owner >= self.num_shards, last, owner)
-        mine = owner == k
-        local_target = jnp.clip(target - (ends[k] - totals[k]), 0.0, totals[k])
+        mine, local_target = self._owned(totals, target)
         leaf = sum_tree.sample(ps.sum_tree, core.tree_geometry,
                                jnp.where(mine, local_target, 0.0))
         out = core.sample_at(state, jnp.where(mine, leaf, 0), grand)
-        return self._gather_owned(mine, out.replace(indices=out.indices + k * core.num_items))
+        out = out.replace(indices=out.indices + k * core.num_items)
+        if isinstance(core, EpisodeMethods):  # padded: zeros after the end, and the mask
+            return self._gather_owned(mine, core.with_mask(out))
+        return self._gather_owned(mine, out)
 
     def _gather_owned(self, mine: Array, out):
         """The global sample from each shard's owned items (`mine` `[B]`): each item is

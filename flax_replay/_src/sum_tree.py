@@ -75,6 +75,15 @@ def init(geo: Geometry, identity: float) -> jax.Array:
     return jnp.full((geo.num_nodes,), identity, jnp.float32)
 
 
+def from_leaves(values: jax.Array, geo: Geometry) -> jax.Array:
+    """The sum tree whose leaves are `values` `[num_leaves]`, built densely level by level
+    (no scatter): the same nodes as writing the leaves with `update`."""
+    pad = jnp.zeros((geo.sizes[-1] - geo.num_leaves,), jnp.float32)
+    tree = jnp.concatenate([jnp.zeros((geo.offsets[-1],), jnp.float32),
+                            values.astype(jnp.float32), pad])
+    return _dense_top(tree, geo, geo.depth, "sum")
+
+
 def leaves(tree: jax.Array, geo: Geometry) -> jax.Array:
     """`[num_leaves]` view of the leaf level (without its padding)."""
     return tree[geo.offsets[-1] : geo.offsets[-1] + geo.num_leaves]
@@ -395,6 +404,16 @@ def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, 
 def sample_with_values(tree: jax.Array, geo: Geometry,
                        targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`(leaf, value)`, both `[B]`: the leaves of `sample` and their (exact) stored values."""
+    leaf, value, _ = sample_with_residuals(tree, geo, targets)
+    return leaf, value
+
+
+def sample_with_residuals(tree: jax.Array, geo: Geometry,
+                          targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(leaf, value, residual)`, all `[B]`: `sample_with_values` and, per target, what is
+    left of it inside the leaf reached, in `[0, value]` (the target minus the leaves before
+    it). A uniform target in `[0, total)` leaves a residual uniform in `[0, value)`: a leaf
+    holding a count can pick one of its counted items from it."""
     k = geo.branching
     j = jnp.arange(k)
 
@@ -424,7 +443,7 @@ def sample_with_values(tree: jax.Array, geo: Geometry,
     # the whole array each time).
     for d in range(1, geo.depth + 1):
         node, target, value = level(d, (node, target, value))
-    return node, value
+    return node, value, target
 
 
 def sample(tree: jax.Array, geo: Geometry, targets: jax.Array) -> jax.Array:
