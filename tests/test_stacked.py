@@ -42,7 +42,8 @@ def random_trees(rng, n):
     return out
 
 
-@pytest.mark.parametrize("n,b", [(1, 1), (2, 1), (1, 2), (3, 2), (8, 1), (2, 7), (5, 40)])
+@pytest.mark.parametrize("n,b", [(1, 1), (2, 1), (1, 2), (3, 2), (8, 1), (2, 7), (5, 40), (1, 7),
+                                 (1, 40)])
 def test_vmapped_tree_update_is_the_per_tree_update(n, b):
     rng = np.random.default_rng(n * 100 + b)
     trees = random_trees(rng, n)

@@ -108,18 +108,25 @@ def _identity(reducer: str) -> float:
 def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Array:
     """Recomputes every level above depth d from level d: contiguous reductions of small
     arrays, and one in-place write of the levels 0..d-1 (they are the first nodes of the flat
-    array). Cheaper than per-entry gathers once a level has fewer nodes than a batch reads."""
+    array). Cheaper than per-entry gathers once a level has fewer nodes than a batch reads.
+
+    `tree` is `[..., num_nodes]`: with leading axes (stacked trees, `[n, num_nodes]`) every
+    tree's top is recomputed by the same ops on a leading axis, and written by one
+    dynamic-update-slice at a static origin (an update under `vmap` would be batched into a
+    clamped scatter that XLA:CPU runs several times slower)."""
     k = geo.branching
-    level = tree[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
+    lead = tree.shape[:-1]
+    level = tree[..., geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
     above = []
     for e in range(d, 0, -1):
-        level = _reduce(level.reshape(-1, k), reducer)
-        pad = geo.sizes[e - 1] - level.shape[0]
+        level = _reduce(level.reshape(*lead, -1, k), reducer)
+        pad = geo.sizes[e - 1] - level.shape[-1]
         if pad:
-            level = jnp.concatenate([level, jnp.full((pad,), _identity(reducer), tree.dtype)])
+            level = jnp.concatenate(
+                [level, jnp.full((*lead, pad), _identity(reducer), tree.dtype)], axis=-1)
         above.append(level)
-    top = jnp.concatenate(above[::-1]) if len(above) > 1 else above[0]
-    return jax.lax.dynamic_update_slice(tree, top, (0,))
+    top = jnp.concatenate(above[::-1], axis=-1) if len(above) > 1 else above[0]
+    return jax.lax.dynamic_update_slice(tree, top, (0,) * tree.ndim)
 
 
 # A level whose children number at most DENSE_FACTOR * B * branching (for a batch of B
@@ -197,9 +204,12 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=No
     trees = carry[0]
     if dense:
         def top(t, r):
-            if n == 1:
+            if base is None:
                 return _dense_top(t, geo, dense, r)
-            return jax.vmap(lambda x: _dense_top(x, geo, dense, r))(t.reshape(n, -1)).reshape(-1)
+            # Stacked trees (even one): the top is written into the `[n, num_nodes]` view. A
+            # write into the flat view, reshaped after, would be a fusion whose output shape
+            # is not its operand's, which XLA:CPU cannot run in place (it copies the trees).
+            return _dense_top(t.reshape(n, -1), geo, dense, r).reshape(-1)
         trees = tuple(top(t, r) for t, r in zip(trees, reducers))
     return trees
 
@@ -345,10 +355,12 @@ def _update_sum_min_flat(sums, mins, index, values, mask, geo: Geometry,
                              ("sum", "min"), base)
     batched = functools.partial(_update_sum_min_batched, geo=geo, base=base, n=n)
     b = index.shape[0]
-    if base is not None or b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
+    if n > 1 or b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
         return batched(sums, mins, index, values, mask)
-    # The two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over
-    # the batch is used only on CPU, where it is measured faster (benchmarks/README.md).
+    # One tree (unbatched, or vmapped over one buffer: then `base` is 0 and the flat arrays
+    # are that tree). The two paths store bit-identical trees (tests/test_sum_tree.py runs
+    # both). A loop over the entries is used only on CPU, where it is measured faster
+    # (benchmarks/README.md).
     return jax.lax.platform_dependent(
         sums, mins, index, values, mask,
         cpu=functools.partial(_update_sum_min_serial, geo=geo), default=batched)
