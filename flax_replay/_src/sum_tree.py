@@ -195,7 +195,11 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=No
             rows = [_rows(t[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], parent * k, k)
                     for t in trees]
         else:
-            rows = [_rows(t, base + geo.offsets[d] + parent * k, k) for t in trees]
+            # Each level read through a static slice of the `[n, num_nodes]` view, as one tree's
+            # is read through a slice of itself: XLA:CPU then costs the read by the level's size.
+            which = base // geo.num_nodes
+            rows = [_rows(t.reshape(n, -1)[:, geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
+                          .reshape(-1), which * geo.sizes[d] + parent * k, k) for t in trees]
         return write(trees, d, parent, rows), parent
 
     carry = (tuple(trees), node)
