@@ -6,24 +6,34 @@ structure) against the unbatched call, for flax_replay and (if installed) Flashb
     python -m benchmarks.vmap --buffer prioritised_trajectory --scan 32
 
 `--buffer`: prioritised_flat (default), prioritised_trajectory, flat, trajectory (uniform
-buffers have no set_priorities). Every configuration is built first, then timed in
-alternating rounds (unbatched, vmap 1, vmap 2, ...), so that the machine's load falls on all
-of them alike; the table gives medians and (minima).
+buffers have no set_priorities). `--ab-rev REV` (flax_replay only) also times every
+configuration with the sum tree (`flax_replay/_src/sum_tree.py`) of git revision REV, in the
+same alternated rounds, and prints before/after columns:
+
+    python -m benchmarks.vmap --scan 32 --ab-rev 920168e
+
+Every configuration is built first, then timed in alternating rounds (unbatched, vmap 1,
+vmap 2, ...), so that the machine's load falls on all of them alike.
 
 Each operation is one jitted call (donated when it writes the state), dispatch and
 `block_until_ready` included, as an eager training loop runs it; and `--scan` times a jitted
 `lax.scan` of 32 operations instead (a fully jitted loop). The figure is
 `time(vmap over n buffers) / n / time(one unbatched call)`: 1.0 means vmapping costs nothing
-per buffer beyond the work. Timings are medians of `--rounds` rounds of `--reps` calls.
+per buffer beyond the work. The table gives, over `--rounds` rounds of `--reps` calls, the
+median and (in brackets) the minimum, the steadier figure on a loaded machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import pathlib
 import statistics
+import subprocess
 import time
-from typing import Any, Callable
+import types
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -137,36 +147,68 @@ def build(lib: str, buffer: str, n: int, max_length: int, add_batch: int, sample
     return ops, per
 
 
+def _sum_tree_at(rev: str) -> types.ModuleType:
+    """The sum-tree module as it was at git revision `rev` of this repository."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{rev}:flax_replay/_src/sum_tree.py"], cwd=root,
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"sum_tree_{rev}")
+    exec(compile(source, f"sum_tree@{rev}", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def _tree_module(module: Optional[types.ModuleType]) -> Iterator[None]:
+    """Prioritised buffers traced inside use `module` as their sum tree."""
+    from flax_replay._src import priorities
+    saved = priorities.sum_tree
+    if module is not None:
+        priorities.sum_tree = module  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        priorities.sum_tree = saved
+
+
 def bench(lib: str, buffer: str, batches: list[int], max_length: int, add_batch: int,
           sample_batch: int, reps: int, rounds: int, scan: int,
-          ) -> dict[int, dict[str, list[float]]]:
-    """Seconds per call of each operation, per round: `{n: {op: [round times]}}` with `n = 0`
-    the unbatched call; rounds alternate between the configurations."""
-    built = {n: build(lib, buffer, n, max_length, add_batch, sample_batch, scan)
-             for n in [0, *batches]}
-    out: dict[int, dict[str, list[float]]] = {n: {op: [] for op in b[0]} for n, b in built.items()}
+          trees: Optional[dict[str, Optional[types.ModuleType]]] = None,
+          ) -> dict[tuple[str, int], dict[str, list[float]]]:
+    """Seconds per call of each operation, per round: `{(tree, n): {op: [round times]}}` with
+    `n = 0` the unbatched call and `tree` a key of `trees` (sum-tree modules, None: the
+    current one); rounds alternate between all the configurations."""
+    built = {}
+    for name, module in (trees or {"": None}).items():
+        with _tree_module(module):  # every function is traced (compiled) inside `build`
+            for n in [0, *batches]:
+                built[name, n] = build(lib, buffer, n, max_length, add_batch, sample_batch,
+                                       scan)
+    out: dict[tuple[str, int], dict[str, list[float]]] = {
+        key: {op: [] for op in b[0]} for key, b in built.items()}
     for _ in range(rounds):
-        for n, (ops, per) in built.items():
+        for key, (ops, per) in built.items():
             for op, f in ops.items():
-                out[n][op].append(_time(f, reps) / per)
+                out[key][op].append(_time(f, reps) / per)
     return out
 
 
-def table(times: dict[int, dict[str, list[float]]]) -> list[str]:
-    """Markdown rows: per operation, the unbatched median (min) in us, then per batch n the
-    per-buffer median (min) and the ratio of medians (of minima) to the unbatched call."""
-    ns = [n for n in times if n]
-    lines = ["| op | unbatched (us) | " + " | ".join(
-        f"vmap {n}: per buffer (us) / ratio" for n in ns) + " |",
-        "| --- |" + " --- |" * (len(ns) + 1)]
-    for op, base in times[0].items():
-        bmed, bmin = statistics.median(base), min(base)
-        cells = [f"{1e6 * bmed:.1f} ({1e6 * bmin:.1f})"]
+def table(times: dict[tuple[str, int], dict[str, list[float]]]) -> list[str]:
+    """Markdown rows: per operation and batch n (0: unbatched), per sum tree, the per-buffer
+    median (min) in us and the ratio of medians (of minima) to the unbatched call."""
+    names = list(dict.fromkeys(name for name, _ in times))
+    ns = list(dict.fromkeys(n for _, n in times))
+    lines = ["| op | n | " + " | ".join(
+        f"{name + ': ' if name else ''}per buffer us, median (min) / ratio" for name in names)
+        + " |", "| --- | --- |" + " --- |" * len(names)]
+    for op in times[names[0], 0]:
         for n in ns:
-            med, mn = statistics.median(times[n][op]) / n, min(times[n][op]) / n
-            cells.append(f"{1e6 * med:.1f} ({1e6 * mn:.1f}) / {med / bmed:.2f}x "
-                         f"({mn / bmin:.2f}x)")
-        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+            cells = []
+            for name in names:
+                t, base = times[name, n][op], times[name, 0][op]
+                med, mn = statistics.median(t) / max(n, 1), min(t) / max(n, 1)
+                cells.append(f"{1e6 * med:.1f} ({1e6 * mn:.1f}) / "
+                             f"{med / statistics.median(base):.2f}x ({mn / min(base):.2f}x)")
+            lines.append(f"| {op} | {n or 'unbatched'} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -181,10 +223,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--scan", type=int, default=0)
+    p.add_argument("--ab-rev", default=None,
+                   help="also time the sum tree of this git revision (before/after)")
     a = p.parse_args()
     batches = [int(n) for n in a.batches.split(",")]
+    trees: Optional[dict[str, Optional[types.ModuleType]]] = None
+    if a.ab_rev:
+        trees = {f"before ({a.ab_rev})": _sum_tree_at(a.ab_rev), "after": None}
     times = bench(a.lib, a.buffer, batches, a.max_length, a.add_batch, a.sample_batch, a.reps,
-                  a.rounds, a.scan)
+                  a.rounds, a.scan, trees)
     print(f"{a.lib}, {a.buffer}, max_length={a.max_length}, add_batch_size {a.add_batch}, "
           f"sample {a.sample_batch}, {'scan of ' + str(a.scan) if a.scan else 'one jitted call'}"
           f", {a.rounds} alternated rounds of {a.reps} calls")
