@@ -90,12 +90,12 @@ def build(lib: str, buffer: str, n: int, max_length: int, add_batch: int, sample
         key = jax.random.split(key, n)
         prio = _stack(prio, n)
 
-    state = init(example)
+    state = jax.jit(init)(example)
     fill = jax.jit(lambda s: jax.lax.fori_loop(0, max_length // add_batch // steps + 1,
                                                lambda i, s: add(s, batch), s))
     state = fill(state)
     jax.block_until_ready(state)
-    indices = sample(state, key).indices if prioritised else None
+    indices = jax.jit(sample)(state, key).indices if prioritised else None
 
     def sample_sum(s, k):
         out = sample(s, k)
