@@ -27,3 +27,20 @@ def test_device_script_smoke_run_writes_results(tmp_path):
                 # flax_replay's and Flashbax's times are positive numbers.
                 cells = [c.strip() for c in rows[0].split("|")]
                 assert float(cells[7]) > 0 and float(cells[8]) > 0, rows[0]
+
+
+def test_vmap_benchmark_tiny_run_gives_a_row_per_op_and_batch():
+    """benchmarks/vmap.py at tiny sizes: every configuration runs (unbatched and vmapped,
+    scanned), and the table has a row per operation and batch."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import vmap
+    finally:
+        sys.path.remove(str(ROOT))
+    times = vmap.bench("flax_replay", "prioritised_flat", [2], max_length=64, add_batch=4,
+                       sample_batch=4, reps=1, rounds=1, scan=2)
+    assert set(times) == {("", 0), ("", 2)}
+    assert all(set(per_op) == {"add", "sample", "set_priorities"} for per_op in times.values())
+    rows = vmap.table(times)
+    assert len(rows) == 2 + 3 * 2, rows  # header, rule, then (op, n) for 3 ops and n = 0, 2
+    assert all(t > 0 for per_op in times.values() for ts in per_op.values() for t in ts)

@@ -42,7 +42,8 @@ def random_trees(rng, n):
     return out
 
 
-@pytest.mark.parametrize("n,b", [(1, 1), (2, 1), (1, 2), (3, 2), (8, 1), (2, 7), (5, 40)])
+@pytest.mark.parametrize("n,b", [(1, 1), (2, 1), (1, 2), (3, 2), (8, 1), (2, 7), (5, 40), (1, 7),
+                                 (1, 40)])
 def test_vmapped_tree_update_is_the_per_tree_update(n, b):
     rng = np.random.default_rng(n * 100 + b)
     trees = random_trees(rng, n)
@@ -84,7 +85,7 @@ def test_vmap_with_some_arguments_unbatched():
 N = 3
 
 
-def stacked_run(kind, vmapped: bool):
+def stacked_run(kind, vmapped: bool, N: int = N):
     """Adds, samples and sets priorities of N buffers, with different data per buffer,
     through `jax.vmap` (one call for all) or buffer by buffer; returns states and samples."""
     case = CASES[kind]
@@ -116,11 +117,14 @@ def stacked_run(kind, vmapped: bool):
     return out
 
 
-@pytest.mark.parametrize("kind", ["prioritised_flat", "prioritised_trajectory"])
-def test_vmapped_buffers_are_the_separate_buffers(kind):
-    got = stacked_run(kind, True)
-    want = stacked_run(kind, False)
-    for i, parts in enumerate(zip(*(unstack(g, N) for g in got))):
+@pytest.mark.parametrize("kind,n", [("prioritised_flat", N), ("prioritised_trajectory", N),
+                                    ("prioritised_flat", 1)])
+def test_vmapped_buffers_are_the_separate_buffers(kind, n):
+    """Bit for bit; n = 1 takes the unbatched tree paths inside the vmap rule, n > 1 the
+    stacked one (trees end to end, tops written into the `[n, num_nodes]` view)."""
+    got = stacked_run(kind, True, n)
+    want = stacked_run(kind, False, n)
+    for i, parts in enumerate(zip(*(unstack(g, n) for g in got))):
         assert_trees_equal(parts, want[i])
 
 

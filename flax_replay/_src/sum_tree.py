@@ -118,17 +118,37 @@ def _dense_top(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Arra
     """Recomputes every level above depth d from level d: contiguous reductions of small
     arrays, and one in-place write of the levels 0..d-1 (they are the first nodes of the flat
     array). Cheaper than per-entry gathers once a level has fewer nodes than a batch reads."""
+    return jax.lax.dynamic_update_slice(tree, _top_levels(tree, geo, d, reducer), (0,))
+
+
+def _top_levels(tree: jax.Array, geo: Geometry, d: int, reducer: str) -> jax.Array:
+    """`[..., offsets[d]]`: the levels 0..d-1 recomputed from level d of `tree`
+    `[..., num_nodes]` (with leading axes: of each stacked tree)."""
     k = geo.branching
-    level = tree[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
+    lead = tree.shape[:-1]
+    level = tree[..., geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
     above = []
     for e in range(d, 0, -1):
-        level = _reduce(level.reshape(-1, k), reducer)
-        pad = geo.sizes[e - 1] - level.shape[0]
+        level = _reduce(level.reshape(*lead, -1, k), reducer)
+        pad = geo.sizes[e - 1] - level.shape[-1]
         if pad:
-            level = jnp.concatenate([level, jnp.full((pad,), _identity(reducer), tree.dtype)])
+            level = jnp.concatenate(
+                [level, jnp.full((*lead, pad), _identity(reducer), tree.dtype)], axis=-1)
         above.append(level)
-    top = jnp.concatenate(above[::-1]) if len(above) > 1 else above[0]
-    return jax.lax.dynamic_update_slice(tree, top, (0,))
+    return jnp.concatenate(above[::-1], axis=-1) if len(above) > 1 else above[0]
+
+
+def _dense_top_stacked(flat: jax.Array, geo: Geometry, d: int, reducer: str,
+                       n: int) -> jax.Array:
+    """`_dense_top` of `n` trees laid end to end in `flat` `[n * num_nodes]`, written by one
+    scatter of the `n` tops. (A dynamic-update-slice of a `[n, num_nodes]` view, or one under
+    `vmap`, reads and writes the same buffer through two shapes, and XLA:CPU then copies
+    the trees; a batched one becomes a clamped scatter several times slower.)"""
+    top = _top_levels(flat.reshape(n, -1), geo, d, reducer)
+    at = (jnp.arange(n, dtype=jnp.int32)[:, None] * geo.num_nodes
+          + jnp.arange(top.shape[-1], dtype=jnp.int32)[None, :])
+    return flat.at[at.reshape(-1)].set(top.reshape(-1), indices_are_sorted=True,
+                                       unique_indices=True)
 
 
 # A level whose children number at most DENSE_FACTOR * B * branching (for a batch of B
@@ -163,13 +183,15 @@ def _offset(geo: Geometry, d: jax.Array) -> jax.Array:
     return jnp.asarray(geo.offsets, jnp.int32)[d]
 
 
-def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=None, n=1):
+def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=None, n=1,
+                       stacked=False):
     """Recomputes, from their children, the ancestors of leaves `node` `[B]` where `keep`.
 
     `leaf_rows`, if given, are the (already final) children rows of the leaves' parents, one
     per tree, so the leaf level need not be read again. `base` `[B]`, if given, is the
     position of each entry's tree in flat arrays holding `n` trees one after the other (a
-    vmapped update, see `update_sum_min`).
+    vmapped update, see `update_sum_min`). `stacked`: the trees are one stacked tree
+    (`[1, num_nodes]` flattened) even without `base`.
     """
     k = geo.branching
     depth = geo.depth
@@ -197,7 +219,11 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=No
             rows = [_rows(t[geo.offsets[d] : geo.offsets[d] + geo.sizes[d]], parent * k, k)
                     for t in trees]
         else:
-            rows = [_rows(t, base + geo.offsets[d] + parent * k, k) for t in trees]
+            # Each level read through a static slice of the `[n, num_nodes]` view, as one tree's
+            # is read through a slice of itself: XLA:CPU then costs the read by the level's size.
+            which = base // geo.num_nodes
+            rows = [_rows(t.reshape(n, -1)[:, geo.offsets[d] : geo.offsets[d] + geo.sizes[d]]
+                          .reshape(-1), which * geo.sizes[d] + parent * k, k) for t in trees]
         return write(trees, d, parent, rows), parent
 
     carry = (tuple(trees), node)
@@ -206,9 +232,12 @@ def _recompute_parents(trees, geo, node, keep, reducers, leaf_rows=None, base=No
     trees = carry[0]
     if dense:
         def top(t, r):
-            if n == 1:
+            if base is None and not stacked:
                 return _dense_top(t, geo, dense, r)
-            return jax.vmap(lambda x: _dense_top(x, geo, dense, r))(t.reshape(n, -1)).reshape(-1)
+            # Stacked trees (even one: a dynamic-update-slice of the flat view, reshaped
+            # after, is a fusion whose output shape is not its operand's, which XLA:CPU
+            # cannot run in place; it copies the trees).
+            return _dense_top_stacked(t, geo, dense, r, n)
         trees = tuple(top(t, r) for t, r in zip(trees, reducers))
     return trees
 
@@ -323,7 +352,10 @@ def _vmappable_update_sum_min(geo: Geometry):
     ops (measured: benchmarks/vmap.py). The rule instead lays the `n` vmapped trees end to
     end in one flat array and runs the unbatched algorithm once over all `n * B` entries,
     each offset by its tree's position (`base`): the same reads and writes per entry, still
-    in place, and no loop over the trees.
+    in place, and no loop over the trees. A vmap over one tree runs the unbatched update.
+    benchmarks/results/vmap.md measures it (per buffer, within 1.2x of the unbatched call at
+    1, 2 and 8 trees) and says what made it slower before (a batched write of the top levels,
+    and copies of the trees).
     """
 
     @jax.custom_batching.custom_vmap
@@ -336,28 +368,34 @@ def _vmappable_update_sum_min(geo: Geometry):
         sums, mins, index, values, mask = (
             x if batched else jnp.broadcast_to(x, (n, *x.shape))
             for x, batched in zip(args, in_batched))
-        base = jnp.repeat(jnp.arange(n, dtype=jnp.int32) * geo.num_nodes, index.shape[1])
+        # One tree (Stoix's default) runs the unbatched update on it, stacked only where
+        # it writes the top levels (see `_recompute_parents`).
+        base = None if n == 1 else jnp.repeat(
+            jnp.arange(n, dtype=jnp.int32) * geo.num_nodes, index.shape[1])
         out = _update_sum_min_flat(sums.reshape(-1), mins.reshape(-1), index.reshape(-1),
-                                   values.reshape(-1), mask.reshape(-1), geo, base, n)
+                                   values.reshape(-1), mask.reshape(-1), geo, base, n,
+                                   stacked=True)
         return tuple(t.reshape(n, -1) for t in out), (True, True)
 
     return update
 
 
 def _update_sum_min_flat(sums, mins, index, values, mask, geo: Geometry,
-                         base: Optional[jax.Array], n: int):
+                         base: Optional[jax.Array], n: int, stacked: bool = False):
     """`update_sum_min` of `n` trees laid end to end in `sums` / `mins` `[n * num_nodes]`;
     entry i goes to the tree at `base[i]` (`base=None`: one tree)."""
     if index.shape[0] <= SMALL_BATCH:
         return _update_small((sums, mins), geo, index,
                              (values, jnp.where(values > 0, values, jnp.inf)), mask,
                              ("sum", "min"), base)
-    batched = functools.partial(_update_sum_min_batched, geo=geo, base=base, n=n)
+    batched = functools.partial(_update_sum_min_batched, geo=geo, base=base, n=n,
+                                stacked=stacked)
     b = index.shape[0]
-    if base is not None or b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
+    if n > 1 or b > SERIAL_MAX_BATCH or geo.num_leaves > SERIAL_MAX_LEAVES:
         return batched(sums, mins, index, values, mask)
-    # The two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over
-    # the batch is used only on CPU, where it is measured faster (benchmarks/README.md).
+    # One tree (unbatched, or vmapped over one buffer: the flat arrays are that tree). The
+    # two paths store bit-identical trees (tests/test_sum_tree.py runs both). A loop over the
+    # entries is used only on CPU, where it is measured faster (benchmarks/README.md).
     return jax.lax.platform_dependent(
         sums, mins, index, values, mask,
         cpu=functools.partial(_update_sum_min_serial, geo=geo), default=batched)
@@ -379,7 +417,8 @@ def _update_sum_min_serial(sums, mins, index, values, mask, *, geo):
     return jax.lax.fori_loop(0, index.shape[0], entry, (sums, mins))
 
 
-def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, n=1):
+def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, n=1,
+                            stacked=False):
     b, k = index.shape[0], geo.branching
     at = 0 if base is None else base
     ok = mask & (index >= 0) & (index < geo.num_leaves)
@@ -398,7 +437,7 @@ def _update_sum_min_batched(sums, mins, index, values, mask, *, geo, base=None, 
     sums = sums.at[leaf].set(values, mode="drop")
     mins = mins.at[leaf].set(jnp.where(values > 0, values, jnp.inf), mode="drop")
     return _recompute_parents((sums, mins), geo, index, keep, ("sum", "min"),
-                              (rows, min_rows), base, n)
+                              (rows, min_rows), base, n, stacked)
 
 
 def sample_with_values(tree: jax.Array, geo: Geometry,
