@@ -129,7 +129,7 @@ def check_against_model(name: str, buffer, state, sample, model, data: Data) -> 
     elif ends is not None:  # a uniform episode buffer: valid items counted per slot (column)
         counts = np.asarray(sum_tree.leaves(state.window_count, buffer.core.count_geometry))
         expected = np.zeros(cap)
-        for r, t in sampleable:
+        for _r, t in sampleable:
             expected[(t - k_max + 1) % cap] += 1
         np.testing.assert_array_equal(counts, expected)
     if sample is None:
