@@ -16,9 +16,10 @@ Each run imports the program's module and calls the program's own entry point wi
 program's own configuration; the driver changes only the budget (total environment steps,
 and for Stoix the number of evaluations) and the seed, and reads the returns the program
 computes. In the flax_replay run, importing `flashbax` fails (and in the Flashbax run,
-importing `flax_replay`), so a missed rewrite cannot silently run the other library. One
-shim is applied to both runs alike: `jax.tree_map` (removed from JAX in 0.6, still called by
-PureJaxRL) is bound to `jax.tree.map`. Runs alternate between the libraries (A B A B ...);
+importing `flax_replay`), so a missed rewrite cannot silently run the other library. Two
+JAX names that the programs' other dependencies still use are bound for both runs alike:
+`jax.tree_map` (removed in JAX 0.6; PureJaxRL and gymnax 0.0.8 call it) and
+`jax.interpreters.xla.pytype_aval_mappings` (TensorFlow Probability 0.25, under distrax). Runs alternate between the libraries (A B A B ...);
 the wall time is the whole entry point (environment set-up, compilation, training and
 evaluation), measured in the child process.
 
@@ -223,13 +224,14 @@ def _run_jaxmarl_iql_rnn(copy: str, seed: int, budget: int | None) -> dict:
         t0 = time.perf_counter()
         iql_rnn.single_run(config)
         wall = time.perf_counter() - t0
-    metrics = kept.value["metrics"]
-    res = {"wall_s": wall, "config": out["config"],
-           "return": _final_mean(metrics["returned_episode_returns"])}
-    if "test_returned_episode_returns" in metrics:
-        res["test_return"] = float(jax.numpy.asarray(
-            metrics["test_returned_episode_returns"])[..., -1].mean())
-    return res
+    # The program logs its metrics only through wandb callbacks (its scan returns None); its
+    # last greedy test (TEST_NUM_ENVS episodes) stays in the runner state: runner_state[2],
+    # {"returned_episode_returns_<agent>": [seeds], ...}.
+    test_state = kept.value["runner_state"][2]
+    per_agent = [float(jax.numpy.mean(v)) for k, v in test_state.items()
+                 if k.startswith("returned_episode_returns")]
+    return {"wall_s": wall, "config": out["config"], "return": sum(per_agent) / len(per_agent),
+            "return_per_agent": per_agent}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,12 +246,12 @@ PROGRAMS: dict[str, Program] = {
     "purejaxrl_dqn": Program("luchris429/purejaxrl", "flat (add_sequences=False), .replace(jit)",
                              _run_purejaxrl_dqn, None),
     "stoix_ff_dqn": Program("EdanToledo/Stoix", "flat (pmap x vmap)",
-                            lambda c, s, b: _run_stoix("ff_dqn", c, s, b), 200_000),
+                            lambda c, s, b: _run_stoix("ff_dqn", c, s, b), 50_000),
     "stoix_ff_rainbow": Program("EdanToledo/Stoix",
                                 "prioritised trajectory, max_size, n-step (pmap x vmap)",
-                                lambda c, s, b: _run_stoix("ff_rainbow", c, s, b), 200_000),
+                                lambda c, s, b: _run_stoix("ff_rainbow", c, s, b), 50_000),
     "jaxmarl_iql_rnn": Program("FLAIROx/JaxMARL", "trajectory, multi-agent dicts",
-                               _run_jaxmarl_iql_rnn, 1_000_000),
+                               _run_jaxmarl_iql_rnn, 200_000),
 }
 
 
@@ -269,8 +271,15 @@ def _child(program: str, lib: str, copy: str, seed: int, budget: int | None) -> 
     sys.meta_path.insert(0, _BlockImport(LIBS[1 - LIBS.index(lib)]))
     import jax
 
-    if not hasattr(jax, "tree_map"):  # removed in JAX 0.6; PureJaxRL calls it
+    # JAX names that the programs' other dependencies still use (not the buffer library's):
+    # bound for both libraries' runs alike.
+    if not hasattr(jax, "tree_map"):  # removed in JAX 0.6; PureJaxRL and gymnax 0.0.8 call it
         jax.tree_map = jax.tree.map  # type: ignore[attr-defined]
+    import jax.interpreters.xla as xla
+    from jax._src import core as jax_core
+
+    if not hasattr(xla, "pytype_aval_mappings"):  # TFP 0.25 (distrax, Stoix) reads it
+        xla.pytype_aval_mappings = jax_core.pytype_aval_mappings  # type: ignore[attr-defined]
     res = PROGRAMS[program].run(copy, seed, budget)
     res.update(program=program, lib=lib, seed=seed, ok=True,
                loaded=sorted(m for m in sys.modules if m.split(".")[0] in LIBS
@@ -288,7 +297,10 @@ def _run_once(program: str, lib: str, copy: str, seed: int, budget: int | None,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
         + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        WANDB_MODE="disabled", WANDB_SILENT="true")
+        WANDB_MODE="disabled", WANDB_SILENT="true",
+        # Stoix pins protobuf 3.20 for tensorboard_logger's old generated code; with a newer
+        # protobuf, this is protobuf's own documented fallback.
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
