@@ -7,21 +7,25 @@ PROGRAM is one of `PROGRAMS` below; CHECKOUT is a checkout of its repository (no
 kept: it is copied into a temporary directory, and for the flax_replay run only its import
 lines are rewritten: `import flashbax as X` -> `import flax_replay as X`, `import flashbax` ->
 `import flax_replay as flashbax`, `from flashbax.M import N` -> `from flax_replay.M import N`).
-It needs a Python environment with both libraries and the program's own dependencies (the
-program's requirements, Flashbax 0.1.3, and this package), e.g.
+It needs a Python environment of its own with both libraries and the program's dependencies
+(not this repository's test environment), e.g.
 
-    python3 -m venv /tmp/pub && /tmp/pub/bin/pip install -e . flashbax==0.1.3 gymnax wandb ...
+    python3 -m venv ../pub && ../pub/bin/pip install -e . flashbax==0.1.3 wandb hydra-core \
+        distrax rlax tensorflow-probability stoa-env neptune tensorboard_logger ...
+    ../pub/bin/pip install --no-deps --target ../gymnax008 gymnax==0.0.8
+    PYTHONPATH=../gymnax008 ../pub/bin/python -m benchmarks.published purejaxrl_dqn ../purejaxrl
 
-Each run imports the program's module and calls the program's own entry point with the
-program's own configuration; the driver changes only the budget (total environment steps,
+(PureJaxRL's DQN and Stoix's gymnax adapter use gymnax 0.0.x's `step`; JaxMARL runs with
+either.) Each run imports the program's module and calls the program's own entry point with
+the program's own configuration; the driver changes only the budget (total environment steps,
 and for Stoix the number of evaluations) and the seed, and reads the returns the program
 computes. In the flax_replay run, importing `flashbax` fails (and in the Flashbax run,
-importing `flax_replay`), so a missed rewrite cannot silently run the other library. Two
-JAX names that the programs' other dependencies still use are bound for both runs alike:
+importing `flax_replay`), so a missed rewrite cannot silently run the other library. Two JAX
+names that the programs' other dependencies still use are bound for both runs alike:
 `jax.tree_map` (removed in JAX 0.6; PureJaxRL and gymnax 0.0.8 call it) and
-`jax.interpreters.xla.pytype_aval_mappings` (TensorFlow Probability 0.25, under distrax). Runs alternate between the libraries (A B A B ...);
-the wall time is the whole entry point (environment set-up, compilation, training and
-evaluation), measured in the child process.
+`jax.interpreters.xla.pytype_aval_mappings` (TensorFlow Probability 0.25, under distrax).
+Runs alternate between the libraries (A B A B ...); the wall time is the whole entry point
+(environment set-up, compilation, training and evaluation), measured in the child process.
 
 Prints one JSON line per run and a Markdown summary row per library.
 """
@@ -353,8 +357,8 @@ def main(argv: list[str] | None = None) -> None:
                                 args.timeout)
                 results[lib].append(res)
                 print(json.dumps(res), flush=True)
-        print(f"\n| program | library | runs | return | wall s (median) |\n| --- | --- | --- "
-              f"| --- | --- |")
+        print("\n| program | library | runs | return | wall s (median) |\n| --- | --- | --- "
+              "| --- | --- |")
         for lib in libs:
             ok = [x for x in results[lib] if x.get("ok")]
             rets = ", ".join(f"{x['return']:.2f}" for x in ok) or "-"
