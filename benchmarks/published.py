@@ -2,6 +2,7 @@
 imports rewritten to flax_replay; same seed, same budget, one fresh process per run.
 
     python -m benchmarks.published PROGRAM CHECKOUT [--budget N] [--seed S] [--repeats R]
+    python -m benchmarks.published --names CHECKOUT   # Flashbax names it uses that we lack
 
 PROGRAM is one of `PROGRAMS` below; CHECKOUT is a checkout of its repository (nothing of it is
 kept: it is copied into a temporary directory, and for the flax_replay run only its import
@@ -89,6 +90,71 @@ def copy_program(checkout: str, dest: str, rewrite: bool) -> int:
                             f.write(text)
                         changed += n
     return changed
+
+
+def flashbax_names(checkout: str) -> list[tuple[str, str, str]]:
+    """Every Flashbax name that the .py files under `checkout` import or read: `(module,
+    attribute path or "", file)`, e.g. `("flashbax", "make_flat_buffer", "dqn.py")`,
+    `("flashbax.buffers.trajectory_buffer", "BufferState", ...)`."""
+    import ast
+
+    found = set()
+    for root, _, files in os.walk(checkout):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError):
+                continue
+            rel = os.path.relpath(path, checkout)
+            bound: dict[str, str] = {}  # local name -> the module it is bound to
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    for a in node.names:
+                        if a.name.split(".")[0] == "flashbax":
+                            bound[a.asname or "flashbax"] = a.name if a.asname else "flashbax"
+                            found.add((a.name, "", rel))
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                        and node.module.split(".")[0] == "flashbax":
+                    for a in node.names:
+                        found.add((node.module, a.name, rel))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store):
+                    chain, base = [], node
+                    while isinstance(base, ast.Attribute):
+                        chain.append(base.attr)
+                        base = base.value
+                    if isinstance(base, ast.Name) and base.id in bound:
+                        found.add((bound[base.id], ".".join(reversed(chain)), rel))
+    return sorted(found)
+
+
+def missing_in_flax_replay(names: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """The entries of `flashbax_names` that do not resolve under `flax_replay`."""
+    import importlib
+
+    missing = []
+    for module, attr, rel in names:
+        try:
+            obj: Any = importlib.import_module("flax_replay" + module[len("flashbax"):])
+        except ImportError:
+            missing.append((module, attr, rel))
+            continue
+        for part in attr.split(".") if attr else []:
+            if hasattr(obj, part):
+                obj = getattr(obj, part)
+                continue
+            try:  # a submodule not imported by its package
+                obj = importlib.import_module(f"{obj.__name__}.{part}")
+            except (ImportError, AttributeError):
+                missing.append((module, attr, rel))
+                break
+            if not hasattr(obj, "__name__"):
+                break
+    return missing
 
 
 # ---------------------------------------------------------------- the drivers (child process)
@@ -249,7 +315,7 @@ class Program:
 PROGRAMS: dict[str, Program] = {
     "purejaxrl_dqn": Program("luchris429/purejaxrl", "flat (add_sequences=False), .replace(jit)",
                              _run_purejaxrl_dqn, None),
-    "stoix_ff_dqn": Program("EdanToledo/Stoix", "flat (pmap x vmap)",
+    "stoix_ff_dqn": Program("EdanToledo/Stoix", "item (pmap x vmap)",
                             lambda c, s, b: _run_stoix("ff_dqn", c, s, b), 50_000),
     "stoix_ff_rainbow": Program("EdanToledo/Stoix",
                                 "prioritised trajectory, max_size, n-step (pmap x vmap)",
@@ -329,8 +395,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per library, alternated")
     parser.add_argument("--libs", default=",".join(LIBS))
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--names", metavar="CHECKOUT",
+                        help="only list the Flashbax names CHECKOUT uses that flax_replay lacks")
     parser.add_argument("--child", choices=LIBS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.names:
+        names = flashbax_names(args.names)
+        missing = missing_in_flax_replay(names)
+        for module, attr, rel in missing:
+            print(f"missing: {module}{'.' + attr if attr else ''}  ({rel})")
+        print(f"{len(names)} Flashbax references in {args.names}, {len(missing)} missing")
+        return
     if args.child:
         _child(args.program, args.child, args.checkout, args.seed, args.budget)
         return

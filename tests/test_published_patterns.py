@@ -195,3 +195,47 @@ def test_jaxmarl_rollout_items_of_agent_dicts():
     all_done = np.asarray(mb.dones["__all__"])
     s = np.arange(steps)[:, None]
     np.testing.assert_array_equal(all_done, (s + acts["a0"] // 10 % 10) % 4 == 0)
+
+
+def test_published_harness_rewrites_only_flashbax_imports(tmp_path):
+    import pathlib
+    import sys
+
+    root = str(pathlib.Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # `pytest` run without the repository on the path
+        sys.path.insert(0, root)
+    from benchmarks import published
+
+    source = "\n".join([
+        "import flashbax as fbx",
+        "import flashbax",
+        "  import flashbax.buffers.sum_tree  # comment",
+        "from flashbax.buffers.trajectory_buffer import BufferState, TrajectoryBufferSample",
+        "    from flashbax import utils",
+        "import flashbax_extra",
+        "x = 'import flashbax as fbx'  # in a string, on a code line",
+        "import jax, flashbax",  # two modules on a line: left alone (then fails loudly)
+    ])
+    out, n = published.rewrite_imports(source)
+    assert n == 5
+    assert out.splitlines() == [
+        "import flax_replay as fbx",
+        "import flax_replay as flashbax",
+        "  import flax_replay.buffers.sum_tree; import flax_replay as flashbax",
+        "from flax_replay.buffers.trajectory_buffer import BufferState, TrajectoryBufferSample",
+        "    from flax_replay import utils",
+        "import flashbax_extra",
+        "x = 'import flashbax as fbx'  # in a string, on a code line",
+        "import jax, flashbax",
+    ]
+    # The name scan reads imports and attribute chains, and finds what flax_replay lacks.
+    (tmp_path / "prog.py").write_text(
+        "import flashbax as fbx\n"
+        "from flashbax.buffers.trajectory_buffer import BufferState\n"
+        "b = fbx.make_prioritised_trajectory_buffer\n"
+        "s = fbx.trajectory_buffer.TrajectoryBufferState\n"
+        "v = fbx.no_such_name\n")
+    names = published.flashbax_names(str(tmp_path))
+    assert ("flashbax", "make_prioritised_trajectory_buffer", "prog.py") in names
+    assert ("flashbax.buffers.trajectory_buffer", "BufferState", "prog.py") in names
+    assert published.missing_in_flax_replay(names) == [("flashbax", "no_such_name", "prog.py")]
