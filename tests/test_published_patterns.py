@@ -22,6 +22,7 @@ import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import flax_replay as fbx
 from flax_replay.buffers.trajectory_buffer import BufferState
@@ -87,10 +88,11 @@ def test_purejaxrl_replaced_jitted_flat_buffer_in_vmapped_scan():
 
 
 def _stoix_like(n_devices, update_batch, n_step=3, envs=2, rollout=4, batch=4):
-    buffer = fbx.make_prioritised_trajectory_buffer(
-        max_size=64, min_length_time_axis=n_step, sample_batch_size=batch,
-        add_batch_size=envs, sample_sequence_length=n_step, period=1,
-        priority_exponent=0.5, device="tpu")
+    with pytest.warns(UserWarning, match="max_size"):  # as Flashbax, which Stoix sees too
+        buffer = fbx.make_prioritised_trajectory_buffer(
+            max_size=64, min_length_time_axis=n_step, sample_batch_size=batch,
+            add_batch_size=envs, sample_sequence_length=n_step, period=1,
+            priority_exponent=0.5, device="tpu")
     example = {"obs": jnp.zeros(2), "reward": jnp.float32(0.0)}
     state: BufferState = buffer.init(example)
 
