@@ -99,10 +99,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     n, num_actions = args.num_envs, env.action_space(env_params).n
     frame = jnp.zeros(env.observation_space(env_params).shape, jnp.uint8)  # [10, 10, C]
 
-    def env_reset(key):
-        obs, s = jax.vmap(env.reset, (0, None))(jax.random.split(key, n), env_params)
-        return obs.astype(jnp.uint8), s
-
     def env_step(key, s, action):  # gymnax resets an ended episode: obs is then the new first
         obs, s, r, term, trunc, _ = jax.vmap(env.step, (0, 0, 0, None))(
             jax.random.split(key, n), s, action, env_params)
@@ -120,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     k_init, k_reset, k_run, k_eval = jax.random.split(jax.random.key(args.seed), 4)
     # Jitted: one compiled program; eager init runs op by op, seconds of tiny compilations.
     online = jax.jit(net.init)(k_init, jnp.zeros((1, *frame.shape, args.stack), jnp.uint8))
-    params = {"online": online, "target": jax.tree.map(jnp.copy, online)}
     tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adam(args.lr))
     buffer_state = buffer.init(example)
 
@@ -174,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             go, learn, skip, c.params, c.opt_state, buffer_state, k_learn, t)
         total = c.ep_return + reward
         metrics = {"return_sum": jnp.sum(jnp.where(done, total, 0.0)), "episodes": jnp.sum(done),
-                   "loss": loss}
+                   "loss": loss, "epsilon": epsilon(c.t)}
         return Carry(params, opt_state, buffer_state, env_state, push(c.stack, obs, done),
                      jnp.where(done, 0.0, total), key, t), metrics
 
@@ -207,13 +202,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         keys = jax.random.split(k_steps, int(env_params.max_steps_in_episode))
         return jax.lax.scan(body, init, keys)[0][-1]
 
-    random_return = float(jnp.mean(evaluate(online, k_eval, 1.0)))
+    random_return = float(np.mean(evaluate(online, k_eval, 1.0)))
     print(f"random policy: mean return {random_return:.2f} over {args.eval_episodes} episodes")
 
-    obs, env_state = env_reset(k_reset)
-    stack = push(jnp.zeros((n, *frame.shape, args.stack), jnp.uint8), obs, jnp.ones(n, bool))
-    carry = Carry(params, tx.init(online), buffer_state, env_state, stack, jnp.zeros(n), k_run,
-                  jnp.int32(0))
+    @jax.jit  # one program, not dozens of eager ones
+    def start(online, buffer_state, k_reset, key):
+        obs, env_state = jax.vmap(env.reset, (0, None))(jax.random.split(k_reset, n), env_params)
+        stack = push(jnp.zeros((n, *frame.shape, args.stack), jnp.uint8),
+                     obs.astype(jnp.uint8), jnp.ones(n, bool))
+        # Copies: jit would return an unchanged input as that same array (donated below).
+        params = {k: jax.tree.map(jnp.copy, online) for k in ("online", "target")}
+        return Carry(params, tx.init(online), buffer_state, env_state, stack, jnp.zeros(n),
+                     key, jnp.int32(0))
+
+    carry = start(online, buffer_state, k_reset, k_run)
     curve: list[tuple[int, float]] = []
     losses: list[float] = []
     t_train = time.perf_counter()
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         loss = float(np.nanmean(m["loss"])) if np.isfinite(m["loss"]).any() else float("nan")
         curve.append((steps, mean_return))
         losses.append(loss)
-        print(f"step {steps:>8}  epsilon {float(epsilon(steps)):.2f}  episodes {episodes:>5}  "
+        print(f"step {steps:>8}  epsilon {m['epsilon'][-1]:.2f}  episodes {episodes:>5}  "
               f"mean return {mean_return:6.2f}  loss {loss:.4f}  "
               f"{args.chunk_steps / (time.perf_counter() - tick):,.0f} steps/s", flush=True)
     train_s = time.perf_counter() - t_train
@@ -234,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     sample = jax.eval_shape(buffer.sample, carry.buffer_state, jax.random.key(1)).experience
     print("sampled stacks: first", sample.first["obs"].shape, "second",
           sample.second["obs"].shape, sample.first["obs"].dtype)
-    greedy_return = float(jnp.mean(evaluate(carry.params["online"], k_eval, 0.0)))
+    greedy_return = float(np.mean(evaluate(carry.params["online"], k_eval, 0.0)))
     wall = time.perf_counter() - t_start
     print(f"greedy policy: mean return {greedy_return:.2f} over {args.eval_episodes} episodes "
           f"(random policy {random_return:.2f}); training {train_s:.0f} s, total {wall:.0f} s")
