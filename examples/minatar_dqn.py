@@ -1,14 +1,15 @@
 """DQN on MinAtar Breakout with a prioritised 3-step buffer that stores each frame once.
 
-    python examples/minatar_dqn.py                  # a few minutes on 2 CPU cores
+    python examples/minatar_dqn.py                  # about 2 minutes on 2 busy CPU cores
     python examples/minatar_dqn.py --out curve.png  # also draws the learning curve
 
 gymnax's `Breakout-MinAtar` gives a 10x10x4 binary screen per step. The agent sees the last 4
-screens (`[10, 10, 4, 4]`, oldest last axis first), but the buffer keeps ONE screen per step:
-`frame_stack={"obs": 4}` rebuilds the stacks of `first` (t) and `second` (t + 3) at sample time,
-and `episode_end_key="done"` zeros the screens from before an episode's first step (the agent's
-own stacks are built the same way while it acts), so no stack reaches into the previous
-episode. The n-step return and its bootstrap discount stop at the same episode end.
+screens on a new trailing axis, oldest first (`[10, 10, 4, 4]` uint8), but the buffer keeps
+ONE screen per step: `frame_stack={"obs": 4}` rebuilds the stacks of `first` (t) and `second`
+(t + 3) at sample time, and `episode_end_key="done"` zeros the screens from before an
+episode's first step (the agent's own stacks are built the same way while it acts), so no
+stack reaches into the previous episode. The n-step return and its bootstrap discount stop at
+the same episode end.
 
 Everything from acting to the gradient step is one `lax.scan` over a chunk of vectorised steps,
 jitted with the carry donated (the buffer is updated in place). The script prints the bytes of
