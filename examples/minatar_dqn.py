@@ -62,8 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 class QNetwork(nn.Module):
-    """`[B, 10, 10, C, K]` uint8 stacks -> Q-values `[B, A]`. A plain MLP: on CPU, XLA's
-    convolution gradients took 20x the time of this network's (the whole update, measured)."""
+    """`[B, 10, 10, C, K]` uint8 stacks -> Q-values `[B, A]`. A plain MLP: on CPU, the
+    gradient of a 16-filter 3x3 conv net (batch 64) took 20x the time of this one's."""
 
     num_actions: int
 
