@@ -23,21 +23,15 @@ MODULES = ("", ".utils", ".buffers", ".buffers.flat_buffer", ".buffers.trajector
 
 _VALIDATION = ("argument checks of Flashbax's factories; ours check the same arguments inside "
                "the make_* factories and raise ValueError naming them")
-_TREE = ("Flashbax's binary delta sum tree's node-level functions; our tree is exact, 4-ary "
-         "and has another layout (flax_replay._src.sum_tree), used through set_priorities "
-         "and sample")
-_PRIORITISED_FN = ("module-level pieces of Flashbax's prioritised buffer, tied to its tree "
-                   "layout; use the buffer's methods (make_prioritised_*(...).add/sample/"
-                   "set_priorities). Not done yet (issue 13)")
 ABSENT = {
     "flashbax.vault": {"vault": "the implementation module flashbax.vault.vault; user code "
                        "imports Vault from flashbax.vault, as from flax_replay.vault"},
     "flashbax.buffers.flat_buffer": {
-        "create_flat_buffer": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
+        "validate_flat_buffer_args": _VALIDATION,
         "validate_max_length_add_batch_size": _VALIDATION, "validate_min_length": _VALIDATION,
         "validate_sample_batch_size": _VALIDATION},
     "flashbax.buffers.item_buffer": {
-        "create_item_buffer": _VALIDATION, "validate_item_buffer_args": _VALIDATION,
+        "validate_item_buffer_args": _VALIDATION,
         "validate_min_length": _VALIDATION, "validate_sample_batch_size": _VALIDATION},
     "flashbax.buffers.trajectory_buffer": {
         "validate_size": _VALIDATION, "validate_trajectory_buffer_args": _VALIDATION},
@@ -46,23 +40,17 @@ ABSENT = {
         "validate_device": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
         "validate_priority_exponent": _VALIDATION},
     "flashbax.buffers.prioritised_item_buffer": {
-        "create_prioritised_item_buffer": _VALIDATION, "validate_device": _VALIDATION,
+        "validate_device": _VALIDATION,
         "validate_item_buffer_args": _VALIDATION, "validate_priority_exponent": _VALIDATION},
     "flashbax.buffers.prioritised_trajectory_buffer": {
         "validate_device": _VALIDATION, "validate_priority_exponent": _VALIDATION,
         "validate_trajectory_buffer_args": _VALIDATION,
-        "SET_BATCH_FN": _TREE, "get_tree_depth": _TREE, "sum_tree": _TREE,
-        **{name: _PRIORITISED_FN for name in (
-            "get_invalid_indices", "get_max_divisible_length", "get_num_items_in_row",
-            "get_sum_tree_capacity", "prioritised_add", "prioritised_init",
-            "prioritised_sample", "set_priorities")}},
+        "get_invalid_indices": (
+            "the item slots a sample must avoid, from Flashbax's earlier masking (its add and "
+            "sample no longer call it); ours zero those leaves on add (PrioritisedCore.add)")},
     "flashbax.buffers.mixer": {
         "can_sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods",
         "sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods"},
-    "flashbax.buffers.sum_tree": {name: _TREE for name in (
-        "get", "get_batch", "get_probability", "get_tree_depth", "get_tree_index", "init",
-        "sample", "set_batch_bincount", "set_batch_scan", "set_non_batched",
-        "stratified_sample")},
 }
 
 
