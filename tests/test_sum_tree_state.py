@@ -41,7 +41,7 @@ def test_sum_tree_state_root_is_the_total_and_not_a_pytree_field() -> None:
     assert jax.tree.structure(like) == jax.tree.structure(state)
     assert float(like.sum_tree_state.max_recorded_priority) == 5.0
     with pytest.raises(ValueError, match="from_collections"):
-        fbx.from_collections(type(state), cols).sum_tree_state
+        _ = fbx.from_collections(type(state), cols).sum_tree_state
 
     # A property: the pytree (and so jit, donation, checkpoints) is unchanged.
     assert "sum_tree_state" not in {f.name for f in dataclasses.fields(state)}

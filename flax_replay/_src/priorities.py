@@ -19,6 +19,7 @@ from flax import struct
 
 from flax_replay._src import checks, sum_tree
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.sum_tree import Geometry
 from flax_replay._src.typing import Array, PyTree
 
 SAMPLING_MODES = ("stratified", "independent")
@@ -39,7 +40,7 @@ class PriorityState(struct.PyTreeNode):
     sum_tree: Array
     min_tree: Array
     max_priority: Array
-    geometry: Optional[sum_tree.Geometry] = struct.field(pytree_node=False, default=None)
+    geometry: Optional[Geometry] = struct.field(pytree_node=False, default=None)
     priority_exponent: Optional[float] = struct.field(pytree_node=False, default=None)
 
 
@@ -87,7 +88,7 @@ class SumTreeState(struct.PyTreeNode):
     max_recorded_priority: Array
     tree_depth: int = struct.field(pytree_node=False)
     capacity: int = struct.field(pytree_node=False)
-    geometry: sum_tree.Geometry = struct.field(pytree_node=False)
+    geometry: Geometry = struct.field(pytree_node=False)
 
 
 class PrioritisedSample(Sample):

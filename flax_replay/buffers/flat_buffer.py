@@ -15,4 +15,5 @@ create_flat_buffer = make_flat_buffer
 Experience = TypeVar("Experience")
 
 __all__ = ["ExperiencePair", "TrajectoryBuffer", "TrajectoryBufferState", "TransitionSample",
-           "Experience", "make_flat_buffer", "make_trajectory_buffer", "add_dim_to_args", "create_flat_buffer"]
+           "Experience", "make_flat_buffer", "make_trajectory_buffer", "add_dim_to_args",
+           "create_flat_buffer"]

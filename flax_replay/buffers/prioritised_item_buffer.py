@@ -20,4 +20,5 @@ Experience = TypeVar("Experience")
 
 __all__ = ["PrioritisedTrajectoryBuffer", "PrioritisedTrajectoryBufferSample",
            "PrioritisedTrajectoryBufferState", "Experience", "make_prioritised_item_buffer",
-           "make_prioritised_trajectory_buffer", "add_dim_to_args", "create_prioritised_item_buffer"]
+           "make_prioritised_trajectory_buffer", "add_dim_to_args",
+           "create_prioritised_item_buffer"]

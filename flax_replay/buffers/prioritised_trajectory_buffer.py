@@ -25,9 +25,13 @@ from flax_replay._src.buffers import PrioritisedBuffer as PrioritisedTrajectoryB
 from flax_replay._src.core import Sample as TrajectoryBufferSample
 from flax_replay._src.core import TrajectoryBufferState
 from flax_replay._src.factories import make_prioritised_trajectory_buffer
-from flax_replay._src.priorities import PrioritisedCore, PriorityOptions, SumTreeState
+from flax_replay._src.priorities import (
+    PrioritisedCore,
+    PrioritisedTrajectoryBufferState,
+    PriorityOptions,
+    SumTreeState,
+)
 from flax_replay._src.priorities import PrioritisedSample as PrioritisedTrajectoryBufferSample
-from flax_replay._src.priorities import PrioritisedTrajectoryBufferState
 from flax_replay._src.typing import Array, PyTree
 from flax_replay.buffers import sum_tree, trajectory_buffer  # noqa: F401
 from flax_replay.buffers.sum_tree import get_tree_depth
