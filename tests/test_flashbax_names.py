@@ -124,3 +124,69 @@ def test_module_functions_agree_with_flashbax():
     assert fr.utils.get_tree_shape_prefix(data, 2) == fb.utils.get_tree_shape_prefix(data, 2)
     f = fr.utils.add_dim_to_args(lambda s, x: x["x"].shape)
     assert f(None, data) == fb.utils.add_dim_to_args(lambda s, x: x["x"].shape)(None, data)
+
+
+def test_sum_tree_functions_agree_with_flashbax():
+    """`buffers.sum_tree` over our exact tree: a tree from `init` has Flashbax's node layout,
+    so after the same writes (integer values: every sum exact) the nodes are Flashbax's."""
+    import jax
+    import numpy as np
+
+    import flax_replay as fr
+
+    fb = flashbax
+    index = np.array([3, 0, 9, 3, 5], np.int32)  # a repeat: the last occurrence wins
+    values = np.array([2.0, 7.0, 1.0, 4.0, 0.0], np.float32)
+    trees = []
+    for lib in (fb, fr):
+        t = lib.buffers.sum_tree
+        s = t.set_batch_scan(t.init(10), index, values)
+        s = t.set_non_batched(s, 12, 6.0)
+        assert (s.tree_depth, s.capacity) == (4, 10)
+        assert float(s.nodes[t.get_tree_index(s.tree_depth, 3)]) == 4.0
+        np.testing.assert_array_equal(t.get_batch(s, index), [4.0, 7.0, 1.0, 4.0, 0.0])
+        np.testing.assert_allclose(t.get_probability(s, 0), 7.0 / 18.0, rtol=1e-6)
+        assert float(s.max_recorded_priority) == 7.0
+        drawn = t.stratified_sample(s, 6, jax.random.PRNGKey(0))
+        assert np.all(np.asarray(t.get(s, drawn)) > 0)
+        assert int(t.sample(s, query_value=0.99)) == 12  # the last positive leaf
+        trees.append(np.asarray(s.nodes))
+    np.testing.assert_array_equal(trees[1], trees[0])
+
+
+def test_prioritised_module_functions_agree_with_flashbax():
+    """`prioritised_init/add/sample` and `set_priorities(state, i, p, exponent, device)`: the
+    same leaves and `max_recorded_priority` (after the exponent) as Flashbax's on the same
+    data, and a buffer's state takes its own exponent."""
+    import jax
+    import numpy as np
+
+    import flax_replay as fr
+
+    example = {"x": np.zeros((), np.float32)}
+    data = {"x": np.arange(2 * 6, dtype=np.float32).reshape(2, 6)}
+    leaves = []
+    for lib in (flashbax, fr):
+        m = lib.buffers.prioritised_trajectory_buffer
+        s = m.prioritised_add(m.prioritised_init(example, 2, 8, 2), data, 3, 2, "cpu")
+        smp = m.prioritised_sample(s, jax.random.PRNGKey(0), 4, 3, 2)
+        assert smp.experience["x"].shape == (4, 3)
+        # Valid items start at 0 and 2 in each row: leaves 0, 1, 4, 5.
+        idx = np.array([0, 5, 4], np.int32)
+        s = m.set_priorities(s, idx, np.array([4.0, 0.0, 9.0], np.float32), 0.5, "cpu")
+        assert float(s.sum_tree_state.max_recorded_priority) == 3.0  # 9 ** 0.5
+        leaves.append(np.asarray(lib.buffers.sum_tree.get(s.sum_tree_state, np.arange(8))))
+        s = m.prioritised_add(s, {"x": data["x"][:, :2]}, 3, 2, "cpu")  # item 2 enters
+        assert float(lib.buffers.sum_tree.get(s.sum_tree_state, 2)) == 3.0
+    np.testing.assert_allclose(leaves[1], leaves[0], rtol=1e-6)
+    np.testing.assert_allclose(leaves[1], [2.0, 1.0, 0, 0, 3.0, 0.0, 0, 0], rtol=1e-6)
+
+    buffer = fr.make_prioritised_trajectory_buffer(2, 4, 3, 2, 3, max_length_time_axis=8,
+                                                   priority_exponent=0.5)
+    s = buffer.add(buffer.init(example), data)
+    s = fr.buffers.prioritised_trajectory_buffer.set_priorities(
+        s, np.array([1], np.int32), np.array([16.0], np.float32), 0.5, "cpu")
+    assert float(s.sum_tree_state.max_recorded_priority) == 4.0
+    with pytest.raises(ValueError, match="priority_exponent=0.5, got priority_exponent=0.6"):
+        fr.buffers.prioritised_trajectory_buffer.set_priorities(
+            s, np.array([1], np.int32), np.array([1.0], np.float32), 0.6, "cpu")

@@ -98,6 +98,24 @@ def _core(state: PrioritisedTrajectoryBufferState, sample_sequence_length: int =
     return core
 
 
+def _calculate_new_item_indices(index_before_writing: Array, add_sequence_length: int,
+                                period: int, max_length_time_axis: int,
+                                sample_sequence_length: int,
+                                add_batch_size: int) -> tuple[Array, Array]:
+    """Flashbax's private helper of `prioritised_add`, answered by our add's
+    `PrioritisedCore.turnover`: the leaves `[add_batch_size * m]` of the items an add of
+    `add_sequence_length` steps per row completes and breaks, row by row, each row's entries
+    first and the unused places filled with `get_sum_tree_capacity(...)` (out of range)."""
+    core = PrioritisedCore(
+        add_batch_size=add_batch_size, max_length_time_axis=max_length_time_axis,
+        min_length_time_axis=sample_sequence_length, sample_batch_size=1,
+        sample_sequence_length=sample_sequence_length, period=period)
+    turn = core.turnover(jnp.asarray(index_before_writing), add_sequence_length)
+    pad = core.num_items
+    return (jnp.where(turn.mask_in, turn.leaf_in, pad),
+            jnp.where(turn.mask_out, turn.leaf_out, pad))
+
+
 def prioritised_init(experience: PyTree, add_batch_size: int, max_length_time_axis: int,
                      period: int) -> PrioritisedTrajectoryBufferState:
     """Empty state `[add_batch_size, max_length_time_axis, ...]` for one step `experience`,
