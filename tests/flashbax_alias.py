@@ -72,10 +72,14 @@ class FlashbaxAlias(importlib.abc.MetaPathFinder):
             location = os.path.join(self._root, *parts) + ".py"
             return importlib.util.spec_from_file_location(fullname, location)
         module = importlib.import_module(".".join([TARGET, *parts]))
+        # A package in Flashbax (`flashbax.vault`, whose tests live inside it) may be a plain
+        # module here: it is then given an empty `__path__` in this process, so that the
+        # test files under it import (they are found by this finder, not on that path).
+        theirs_is_package = os.path.isdir(os.path.join(self._root, *parts))
         return importlib.machinery.ModuleSpec(
             fullname,
             _ExistingModule(module),
-            is_package=hasattr(module, "__path__"),
+            is_package=hasattr(module, "__path__") or theirs_is_package,
         )
 
 

@@ -23,21 +23,15 @@ MODULES = ("", ".utils", ".buffers", ".buffers.flat_buffer", ".buffers.trajector
 
 _VALIDATION = ("argument checks of Flashbax's factories; ours check the same arguments inside "
                "the make_* factories and raise ValueError naming them")
-_TREE = ("Flashbax's binary delta sum tree's node-level functions; our tree is exact, 4-ary "
-         "and has another layout (flax_replay._src.sum_tree), used through set_priorities "
-         "and sample")
-_PRIORITISED_FN = ("module-level pieces of Flashbax's prioritised buffer, tied to its tree "
-                   "layout; use the buffer's methods (make_prioritised_*(...).add/sample/"
-                   "set_priorities). Not done yet (issue 13)")
 ABSENT = {
     "flashbax.vault": {"vault": "the implementation module flashbax.vault.vault; user code "
                        "imports Vault from flashbax.vault, as from flax_replay.vault"},
     "flashbax.buffers.flat_buffer": {
-        "create_flat_buffer": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
+        "validate_flat_buffer_args": _VALIDATION,
         "validate_max_length_add_batch_size": _VALIDATION, "validate_min_length": _VALIDATION,
         "validate_sample_batch_size": _VALIDATION},
     "flashbax.buffers.item_buffer": {
-        "create_item_buffer": _VALIDATION, "validate_item_buffer_args": _VALIDATION,
+        "validate_item_buffer_args": _VALIDATION,
         "validate_min_length": _VALIDATION, "validate_sample_batch_size": _VALIDATION},
     "flashbax.buffers.trajectory_buffer": {
         "validate_size": _VALIDATION, "validate_trajectory_buffer_args": _VALIDATION},
@@ -46,23 +40,17 @@ ABSENT = {
         "validate_device": _VALIDATION, "validate_flat_buffer_args": _VALIDATION,
         "validate_priority_exponent": _VALIDATION},
     "flashbax.buffers.prioritised_item_buffer": {
-        "create_prioritised_item_buffer": _VALIDATION, "validate_device": _VALIDATION,
+        "validate_device": _VALIDATION,
         "validate_item_buffer_args": _VALIDATION, "validate_priority_exponent": _VALIDATION},
     "flashbax.buffers.prioritised_trajectory_buffer": {
         "validate_device": _VALIDATION, "validate_priority_exponent": _VALIDATION,
         "validate_trajectory_buffer_args": _VALIDATION,
-        "SET_BATCH_FN": _TREE, "get_tree_depth": _TREE, "sum_tree": _TREE,
-        **{name: _PRIORITISED_FN for name in (
-            "get_invalid_indices", "get_max_divisible_length", "get_num_items_in_row",
-            "get_sum_tree_capacity", "prioritised_add", "prioritised_init",
-            "prioritised_sample", "set_priorities")}},
+        "get_invalid_indices": (
+            "the item slots a sample must avoid, from Flashbax's earlier masking (its add and "
+            "sample no longer call it); ours zero those leaves on add (PrioritisedCore.add)")},
     "flashbax.buffers.mixer": {
         "can_sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods",
         "sample_mixer_fn": "Flashbax's helpers behind make_mixer; our Mixer's methods"},
-    "flashbax.buffers.sum_tree": {name: _TREE for name in (
-        "get", "get_batch", "get_probability", "get_tree_depth", "get_tree_index", "init",
-        "sample", "set_batch_bincount", "set_batch_scan", "set_non_batched",
-        "stratified_sample")},
 }
 
 
@@ -136,3 +124,69 @@ def test_module_functions_agree_with_flashbax():
     assert fr.utils.get_tree_shape_prefix(data, 2) == fb.utils.get_tree_shape_prefix(data, 2)
     f = fr.utils.add_dim_to_args(lambda s, x: x["x"].shape)
     assert f(None, data) == fb.utils.add_dim_to_args(lambda s, x: x["x"].shape)(None, data)
+
+
+def test_sum_tree_functions_agree_with_flashbax():
+    """`buffers.sum_tree` over our exact tree: a tree from `init` has Flashbax's node layout,
+    so after the same writes (integer values: every sum exact) the nodes are Flashbax's."""
+    import jax
+    import numpy as np
+
+    import flax_replay as fr
+
+    fb = flashbax
+    index = np.array([3, 0, 9, 3, 5], np.int32)  # a repeat: the last occurrence wins
+    values = np.array([2.0, 7.0, 1.0, 4.0, 0.0], np.float32)
+    trees = []
+    for lib in (fb, fr):
+        t = lib.buffers.sum_tree
+        s = t.set_batch_scan(t.init(10), index, values)
+        s = t.set_non_batched(s, 12, 6.0)
+        assert (s.tree_depth, s.capacity) == (4, 10)
+        assert float(s.nodes[t.get_tree_index(s.tree_depth, 3)]) == 4.0
+        np.testing.assert_array_equal(t.get_batch(s, index), [4.0, 7.0, 1.0, 4.0, 0.0])
+        np.testing.assert_allclose(t.get_probability(s, 0), 7.0 / 18.0, rtol=1e-6)
+        assert float(s.max_recorded_priority) == 7.0
+        drawn = t.stratified_sample(s, 6, jax.random.PRNGKey(0))
+        assert np.all(np.asarray(t.get(s, drawn)) > 0)
+        assert int(t.sample(s, query_value=0.99)) == 12  # the last positive leaf
+        trees.append(np.asarray(s.nodes))
+    np.testing.assert_array_equal(trees[1], trees[0])
+
+
+def test_prioritised_module_functions_agree_with_flashbax():
+    """`prioritised_init/add/sample` and `set_priorities(state, i, p, exponent, device)`: the
+    same leaves and `max_recorded_priority` (after the exponent) as Flashbax's on the same
+    data, and a buffer's state takes its own exponent."""
+    import jax
+    import numpy as np
+
+    import flax_replay as fr
+
+    example = {"x": np.zeros((), np.float32)}
+    data = {"x": np.arange(2 * 6, dtype=np.float32).reshape(2, 6)}
+    leaves = []
+    for lib in (flashbax, fr):
+        m = lib.buffers.prioritised_trajectory_buffer
+        s = m.prioritised_add(m.prioritised_init(example, 2, 8, 2), data, 3, 2, "cpu")
+        smp = m.prioritised_sample(s, jax.random.PRNGKey(0), 4, 3, 2)
+        assert smp.experience["x"].shape == (4, 3)
+        # Valid items start at 0 and 2 in each row: leaves 0, 1, 4, 5.
+        idx = np.array([0, 5, 4], np.int32)
+        s = m.set_priorities(s, idx, np.array([4.0, 0.0, 9.0], np.float32), 0.5, "cpu")
+        assert float(s.sum_tree_state.max_recorded_priority) == 3.0  # 9 ** 0.5
+        leaves.append(np.asarray(lib.buffers.sum_tree.get(s.sum_tree_state, np.arange(8))))
+        s = m.prioritised_add(s, {"x": data["x"][:, :2]}, 3, 2, "cpu")  # item 2 enters
+        assert float(lib.buffers.sum_tree.get(s.sum_tree_state, 2)) == 3.0
+    np.testing.assert_allclose(leaves[1], leaves[0], rtol=1e-6)
+    np.testing.assert_allclose(leaves[1], [2.0, 1.0, 0, 0, 3.0, 0.0, 0, 0], rtol=1e-6)
+
+    buffer = fr.make_prioritised_trajectory_buffer(2, 4, 3, 2, 3, max_length_time_axis=8,
+                                                   priority_exponent=0.5)
+    s = buffer.add(buffer.init(example), data)
+    s = fr.buffers.prioritised_trajectory_buffer.set_priorities(
+        s, np.array([1], np.int32), np.array([16.0], np.float32), 0.5, "cpu")
+    assert float(s.sum_tree_state.max_recorded_priority) == 4.0
+    with pytest.raises(ValueError, match="priority_exponent=0.5, got priority_exponent=0.6"):
+        fr.buffers.prioritised_trajectory_buffer.set_priorities(
+            s, np.array([1], np.int32), np.array([1.0], np.float32), 0.6, "cpu")

@@ -151,7 +151,7 @@ def test_prioritised_trajectory_buffer_past_2_31_steps(tmp_path):
     template = jax.tree.map(jnp.zeros_like, train)
     back, _, step = checkpoint.restore(checkpoint.make_manager(tmp_path), template,
                                        jax.random.key(1))
-    restored = from_collections(type(state), {"replay": back.replay,
+    restored = from_collections(state, {"replay": back.replay,
                                               "priorities": back.priorities})
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, restored, state)

@@ -88,7 +88,7 @@ def partition_specs(state: Any, axis: Axis) -> Any:
               for name, v in values.items()}
         for col, values in to_collections(state).items()
     }
-    return from_collections(type(state), specs)
+    return from_collections(state, specs)  # same structure, static fields included
 
 
 def in_storage(where: PyTree, memory_kind: Optional[str]) -> PyTree:

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 from flax.core import FrozenDict, unfreeze
 
-from flax_replay._src.state import COLLECTIONS, from_collections, to_collections
+from flax_replay._src.state import COLLECTIONS, from_collections, template, to_collections
 from flax_replay._src.typing import Array, Axis, PyTree
 from flax_replay._src.views import ViewMethods
 
@@ -56,7 +56,7 @@ class ReplayBuffer(ViewMethods, nn.Module):
             return value
 
         abstract = jax.eval_shape(lambda: to_collections(self.buffer.init(example)))
-        self._state_type = type(jax.eval_shape(self.buffer.init, example))
+        self._state_type = template(jax.eval_shape(self.buffer.init, example))
         self._vars = {
             col: {name: self.variable(col, name, initial, col, name) for name in abstract[col]}
             for col in COLLECTIONS

@@ -17,7 +17,14 @@ from typing import Any, Optional
 
 from flax import nnx
 
-from flax_replay._src.state import COLLECTIONS, PRIORITIES, REPLAY, from_collections, to_collections
+from flax_replay._src.state import (
+    COLLECTIONS,
+    PRIORITIES,
+    REPLAY,
+    from_collections,
+    template,
+    to_collections,
+)
 from flax_replay._src.typing import Array, Axis, PyTree
 from flax_replay._src.views import ViewMethods
 
@@ -51,7 +58,7 @@ class ReplayBuffer(ViewMethods, nnx.Module):
         partition = partition if partition is not None else sharding
         self.buffer = buffer
         state = buffer.init(experience)
-        self._state_type = type(state)
+        self._state_type = template(state)  # type and static fields
         self._names = {}
         for col, values in to_collections(state).items():
             self._names[col] = tuple(values)

@@ -10,7 +10,7 @@ only. An item is drawn with probability `leaf / total`.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Optional, cast
+from typing import Optional, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from flax import struct
 
 from flax_replay._src import checks, sum_tree
 from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.sum_tree import Geometry
 from flax_replay._src.typing import Array, PyTree
 
 SAMPLING_MODES = ("stratified", "independent")
@@ -30,11 +31,17 @@ class PriorityState(struct.PyTreeNode):
 
     sum_tree / min_tree: float32 `[num_nodes]`, flat levels, root first (see `sum_tree`).
     max_priority: float32 `[]`, raw priority (before the exponent), at least 1.
+    geometry, priority_exponent: static (part of the tree structure, not leaves, so not in the
+      collection): the tree's shape and the buffer's exponent, set by `init`, so that the state
+      alone answers Flashbax's `sum_tree_state` (None in a state rebuilt by
+      `from_collections(type(state), ...)`; `from_collections(state, ...)` keeps them).
     """
 
     sum_tree: Array
     min_tree: Array
     max_priority: Array
+    geometry: Optional[Geometry] = struct.field(pytree_node=False, default=None)
+    priority_exponent: Optional[float] = struct.field(pytree_node=False, default=None)
 
 
 class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
@@ -47,21 +54,41 @@ class PrioritisedTrajectoryBufferState(TrajectoryBufferState):
     priority_state: PriorityState
 
     @property
-    def sum_tree_state(self) -> SumTreeStateView:
-        """Read-only view under Flashbax's field name (a property: not part of the pytree)."""
-        return SumTreeStateView(nodes=self.priority_state.sum_tree)
+    def sum_tree_state(self) -> SumTreeState:
+        """Flashbax's field, read-only (a property: not part of the pytree): `nodes` is our sum
+        tree (`[..., num_nodes]`; `nodes[..., 0]` the total) and `max_recorded_priority` the
+        largest priority set so far after the exponent (`[...]`; a stacked state gives one per
+        buffer). Read it with `flax_replay.buffers.sum_tree.get` / `get_probability`."""
+        ps = self.priority_state
+        if ps.geometry is None or ps.priority_exponent is None:
+            raise ValueError(
+                "sum_tree_state: this state lacks its tree's geometry and priority exponent "
+                "(it was rebuilt with from_collections(type(state), ...)); rebuild it with "
+                "from_collections(template_state, ...) or read state.priority_state")
+        return SumTreeState(
+            nodes=ps.sum_tree,
+            max_recorded_priority=ps.max_priority ** jnp.float32(ps.priority_exponent),
+            tree_depth=ps.geometry.depth, capacity=ps.geometry.num_leaves,
+            geometry=ps.geometry)
 
 
-class SumTreeStateView(NamedTuple):
-    """What Flashbax's `sum_tree_state` offers that our tree can answer.
+class SumTreeState(struct.PyTreeNode):
+    """Flashbax's `SumTreeState` over our exact tree (`flax_replay.buffers.sum_tree`).
 
-    nodes: float32 `[num_nodes]`, our exact 4-ary tree's flat levels, root first, so `nodes[0]`
-      is the total priority as in Flashbax (the other nodes are laid out differently).
-    Flashbax's `max_recorded_priority` is absent: it is `max_priority ** priority_exponent`, and
-    the exponent belongs to the buffer, not the state (`priority_state.max_priority` is raw).
+    nodes: float32 `[num_nodes]`, the sum tree's flat levels, root first: `nodes[0]` is the
+      total. A buffer's tree is `branching`-ary (4 by default); `buffers.sum_tree.init` makes
+      a binary tree with Flashbax's node layout (leaf i at `2 ** tree_depth - 1 + i`).
+    max_recorded_priority: float32 `[]`, the largest leaf value ever set (after the
+      exponent), at least 1: what a new item gets.
+    tree_depth, capacity: static, Flashbax's (levels below the root; number of leaves).
+    geometry: static, our tree's shape (`flax_replay._src.sum_tree.Geometry`).
     """
 
     nodes: Array
+    max_recorded_priority: Array
+    tree_depth: int = struct.field(pytree_node=False)
+    capacity: int = struct.field(pytree_node=False)
+    geometry: Geometry = struct.field(pytree_node=False)
 
 
 class PrioritisedSample(Sample):
@@ -109,6 +136,15 @@ class PriorityOptions:
         checks.positive_int("branching", self.branching, 2)
         # Hashable and exact: a Python float, whatever the user passed (np.float32, int).
         object.__setattr__(self, "priority_exponent", float(self.priority_exponent))
+
+
+def sample_targets(rng_key: Array, b: int, stratified: bool = True) -> Array:
+    """`[b]` float32 points in [0, 1): one uniform draw in each of `b` equal strata
+    (`stratified`, as Flashbax) or `b` i.i.d. uniform draws."""
+    u = jax.random.uniform(rng_key, (b,), jnp.float32)
+    if stratified:
+        u = (jnp.arange(b, dtype=jnp.float32) + u) / b
+    return u
 
 
 def importance_weights(p: Array, p_min: Array, beta: float | Array,
@@ -198,7 +234,8 @@ class PrioritisedCore(TrajectoryCore):
         geo = self.tree_geometry
         return PriorityState(sum_tree=sum_tree.init(geo, 0.0),
                              min_tree=sum_tree.init(geo, jnp.inf),
-                             max_priority=jnp.ones((), jnp.float32))
+                             max_priority=jnp.ones((), jnp.float32),
+                             geometry=geo, priority_exponent=self.priority_exponent)
 
     def init(self, experience: PyTree) -> PrioritisedTrajectoryBufferState:
         base = super().init(experience)
@@ -281,10 +318,7 @@ class PrioritisedCore(TrajectoryCore):
     def targets(self, rng_key: Array, b: int) -> Array:
         """`[b]` points in [0, 1) at which the priorities' CDF is inverted: one per equal
         stratum ("stratified") or i.i.d. ("independent")."""
-        u = jax.random.uniform(rng_key, (b,), jnp.float32)
-        if self.options.sampling == "stratified":
-            u = (jnp.arange(b, dtype=jnp.float32) + u) / b
-        return u
+        return sample_targets(rng_key, b, self.options.sampling == "stratified")
 
     def sample_at(self, state: PrioritisedTrajectoryBufferState, leaf: Array, total: Array,
                   priorities: Optional[Array] = None) -> PrioritisedSample:
@@ -364,8 +398,7 @@ class PrioritisedCore(TrajectoryCore):
         max_p = jnp.maximum(ps.max_priority,
                             jnp.max(jnp.where(keep, priorities, 0.0), initial=0.0))
         return state.replace(
-            priority_state=PriorityState(sum_tree=sum_t, min_tree=min_t, max_priority=max_p)
-        )
+            priority_state=ps.replace(sum_tree=sum_t, min_tree=min_t, max_priority=max_p))
 
     @staticmethod
     def _checked_update(indices, priorities, versions):

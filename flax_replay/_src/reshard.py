@@ -58,7 +58,7 @@ def regroup_priorities(state: Any, core: TrajectoryCore, num_shards: Optional[in
     if num_shards is None:
         sum_t, min_t, max_p = sum_t[0], min_t[0], max_p[0]
     return state.replace(priority_state=ps.replace(sum_tree=sum_t, min_tree=min_t,
-                                                   max_priority=max_p))
+                                                   max_priority=max_p, geometry=geo))
 
 
 def regroup_window_counts(state: Any, core: TrajectoryCore, num_shards: Optional[int]) -> Any:

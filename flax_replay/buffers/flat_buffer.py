@@ -9,7 +9,11 @@ from flax_replay._src.core import TrajectoryBufferState
 from flax_replay._src.factories import make_flat_buffer, make_trajectory_buffer
 from flax_replay.utils import add_dim_to_args
 
+# Flashbax's builder behind make_flat_buffer, same arguments; ours validates them too.
+create_flat_buffer = make_flat_buffer
+
 Experience = TypeVar("Experience")
 
 __all__ = ["ExperiencePair", "TrajectoryBuffer", "TrajectoryBufferState", "TransitionSample",
-           "Experience", "make_flat_buffer", "make_trajectory_buffer", "add_dim_to_args"]
+           "Experience", "make_flat_buffer", "make_trajectory_buffer", "add_dim_to_args",
+           "create_flat_buffer"]

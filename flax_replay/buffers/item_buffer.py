@@ -9,7 +9,10 @@ from flax_replay._src.core import TrajectoryBufferState
 from flax_replay._src.factories import make_item_buffer, make_trajectory_buffer
 from flax_replay.utils import add_dim_to_args
 
+# Flashbax's builder behind make_item_buffer, same arguments; ours validates them too.
+create_item_buffer = make_item_buffer
+
 Experience = TypeVar("Experience")
 
 __all__ = ["TrajectoryBuffer", "TrajectoryBufferSample", "TrajectoryBufferState", "Experience",
-           "make_item_buffer", "make_trajectory_buffer", "add_dim_to_args"]
+           "make_item_buffer", "make_trajectory_buffer", "add_dim_to_args", "create_item_buffer"]

@@ -12,8 +12,13 @@ from flax_replay._src.priorities import PrioritisedSample as PrioritisedTrajecto
 from flax_replay._src.priorities import PrioritisedTrajectoryBufferState
 from flax_replay.utils import add_dim_to_args
 
+# Flashbax's builder behind make_prioritised_item_buffer, same arguments; ours validates them
+# too.
+create_prioritised_item_buffer = make_prioritised_item_buffer
+
 Experience = TypeVar("Experience")
 
 __all__ = ["PrioritisedTrajectoryBuffer", "PrioritisedTrajectoryBufferSample",
            "PrioritisedTrajectoryBufferState", "Experience", "make_prioritised_item_buffer",
-           "make_prioritised_trajectory_buffer", "add_dim_to_args"]
+           "make_prioritised_trajectory_buffer", "add_dim_to_args",
+           "create_prioritised_item_buffer"]
