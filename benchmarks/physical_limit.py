@@ -6,9 +6,10 @@
 A floor per path, measured here by a C kernel (compiled with the system's C compiler through
 ctypes) that does only the memory work an exact 4-ary sum tree cannot avoid, nothing else:
 
-- sample B: B root-to-leaf walks (each level's read depends on the previous one; the B walks
-  are interleaved, so the memory system may overlap their misses), then the gather of the
-  B first and B second items (flat buffer: 2 items per transition) into a contiguous output;
+- sample B: B root-to-leaf walks, only their memory reads (one read of a node's children per
+  level, the next node chosen from the value read, so each path's reads are dependent; the B
+  walks are interleaved, so the memory system may overlap their misses), then the gather of
+  the B first and B second items (flat buffer: 2 items per transition) into an output;
 - set_priorities B: B leaf writes and, level by level, B parents re-summed from their 4
   children;
 - add R rows: R items copied into the storage and R leaf paths re-summed;
@@ -58,18 +59,18 @@ _C = r"""
 
 void walk(const float *tree, const int64_t *offset, int depth, const float *targets, int n,
           int64_t *leaf, float *scratch) {
-    for (int b = 0; b < n; b++) { leaf[b] = 0; scratch[b] = targets[b]; }
+    /* Only the memory work of a walk: at each level one read of the node's children (one
+       cache line), and the next node chosen from the value read (so the reads of a path are
+       dependent). The prefix comparisons are left out: XLA vectorises them across paths. */
+    uint32_t *bits = (uint32_t *)scratch;
+    for (int b = 0; b < n; b++) { leaf[b] = 0; memcpy(&bits[b], &targets[b], 4); }
     for (int l = 1; l < depth; l++) {
         const float *level = tree + offset[l];
         for (int b = 0; b < n; b++) {  /* the B walks interleaved: their misses overlap */
-            const float *c = level + 4 * leaf[b];
-            float t = scratch[b];
-            /* branch-free: a data-dependent branch here mispredicts half the time */
-            float p1 = c[0], p2 = p1 + c[1], p3 = p2 + c[2];
-            int64_t k = (t >= p1) + (t >= p2) + (t >= p3);
-            float before = (k == 0) ? 0.0f : (k == 1) ? p1 : (k == 2) ? p2 : p3;
-            scratch[b] = t - before;
-            leaf[b] = 4 * leaf[b] + k;
+            float v = level[4 * leaf[b]];
+            uint32_t u;
+            memcpy(&u, &v, 4);
+            leaf[b] = 4 * leaf[b] + ((u ^ bits[b]) & 3);
         }
     }
 }
@@ -116,6 +117,7 @@ void run(int path, int steps, float *tree, const int64_t *offset, int depth,
         if (path != 1) {
             walk(tree, offset, depth, targets + (int64_t)i * n, n, leaf, scratch);
             for (int b = 0; b < n; b++) {
+                leaf[b] %= capacity;  /* the memory-only walk may end in the padding */
                 pair[b] = leaf[b];
                 pair[n + b] = (leaf[b] + 1) % capacity;  /* `second` of each transition */
             }
