@@ -282,7 +282,7 @@ def test_sharded_identical_to_device_memory(name, tmp_path):
             assert x.sharding.memory_kind == HOST
         restored = manager.restore(1, args=ocp.args.Composite(
             **{c: ocp.args.StandardRestore(v) for c, v in target.items()}))
-    back = fbx.from_collections(type(state), dict(restored))
+    back = fbx.from_collections(state, dict(restored))
     check_sharded_placement(back, HOST)
     assert_trees_equal(jax.device_get(back), jax.device_get(state))
     if not sb.episodes:  # regrouping keeps the memory kind (episode buffers: not supported)
