@@ -146,10 +146,6 @@ def load_kernel() -> ctypes.CDLL:
     subprocess.run([cc, "-O3", "-march=native", "-shared", "-fPIC", "-o", str(lib), str(src)],
                    check=True)
     k = ctypes.CDLL(str(lib))
-    k.walk.argtypes = [_f32p, _i64p, ctypes.c_int, _f32p, ctypes.c_int, _i64p, _f32p]
-    k.update.argtypes = [_f32p, _i64p, ctypes.c_int, _i64p, _f32p, ctypes.c_int, _i64p]
-    k.gather.argtypes = [_u8p, _i64p, ctypes.c_int, ctypes.c_int64, _u8p]
-    k.put.argtypes = [_u8p, _i64p, ctypes.c_int, ctypes.c_int64, _u8p]
     i, i64 = ctypes.c_int, ctypes.c_int64
     k.run.argtypes = [i, i, _f32p, _i64p, i, i64, _u8p, i64, _f32p, _f32p, _i64p, _i64p, i,
                       _u8p, i, _i64p, _f32p, _i64p, _i64p, _u8p]
