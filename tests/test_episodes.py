@@ -547,3 +547,17 @@ def test_checkpoint_roundtrip_keeps_episode_state(tmp_path):
     key = jax.random.key(5)
     sample = jitted(buf, "sample")
     np.testing.assert_array_equal(sample(back, key).mask, sample(state, key).mask)
+
+
+@pytest.mark.parametrize("width", [1, 2, 5, 16, 31, 32, 40])
+def test_kth_true_matches_numpy(width):
+    """The row draw of uniform sampling: the k-th True of a column, by population counts for
+    up to 32 rows and by running sums above; k past the last True gives `width`."""
+    from flax_replay._src.episodes import kth_true
+
+    rng = np.random.default_rng(width)
+    flags = rng.random((500, width)) < rng.random((500, 1))
+    k = rng.integers(0, width + 2, 500)
+    want = [np.flatnonzero(f)[j] if j < f.sum() else width for f, j in zip(flags, k)]
+    got = jax.jit(kth_true)(jnp.asarray(flags), jnp.asarray(k, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(got), want)

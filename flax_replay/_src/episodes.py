@@ -382,16 +382,7 @@ class EpisodeCore(EpisodeMethods, TrajectoryCore):
         k = jnp.clip(jnp.floor(residual), 0, jnp.maximum(count - 1, 0)).astype(jnp.int32)
         r = self.add_batch_size
         column = state.window_valid[jnp.arange(r)[None, :], slot[:, None]]  # [b, R]
-        # The k-th True of each column [b, R]: the rows whose running count is <= k.
-        if r <= 32:  # running sums unrolled: cheaper than a cumsum for a few rows
-            cols = [column[:, 0].astype(jnp.int32)]
-            for c in range(1, r):
-                cols.append(cols[-1] + column[:, c])
-            running = jnp.stack(cols, axis=1)
-        else:
-            running = jnp.cumsum(column, axis=1, dtype=jnp.int32)
-        row = jnp.minimum(jnp.sum(running <= k[:, None], axis=1, dtype=jnp.int32), r - 1)
-        return row, slot * self.period
+        return jnp.minimum(kth_true(column, k), r - 1), slot * self.period
 
     def sample(self, state: EpisodeTrajectoryBufferState,  # type: ignore[override]
                rng_key: Array, batch_size: Optional[int] = None) -> Sample:
@@ -446,6 +437,38 @@ class PrioritisedEpisodeCore(EpisodeMethods, PrioritisedCore):
         return cast(PrioritisedEpisodeTrajectoryBufferState,
                     PrioritisedCore.set_priorities(self, state, indices, priorities, versions,
                                                    keep))
+
+
+def kth_true(flags: Array, k: Array) -> Array:
+    """int32 `[b]`: the index of the `k[i]`-th (from 0) True of each row of `flags` bool
+    `[b, r]` (`r` where a row has fewer than k + 1)."""
+    r = flags.shape[1]
+    if r <= 32:  # each row as a bit mask, searched by population counts
+        bits = flags.astype(jnp.uint32) << jnp.arange(r, dtype=jnp.uint32)
+        return kth_set_bit(jnp.sum(bits, axis=1, dtype=jnp.uint32), k, r)
+    running = jnp.cumsum(flags, axis=1, dtype=jnp.int32)  # the Trues up to each index
+    return jnp.sum(running <= k[:, None], axis=1, dtype=jnp.int32)
+
+
+def kth_set_bit(bits: Array, k: Array, width: int) -> Array:
+    """int32 `[b]`: the position of the `k`-th (from 0) set bit of `bits` uint32 `[b]` whose
+    set bits lie below `width` <= 32 (`width` when fewer than k + 1 are set). A binary search
+    on population counts: a few elementwise steps that XLA fuses into one loop, where a
+    running sum over the bits would cost one pass per bit."""
+    pos = jnp.zeros(k.shape, jnp.int32)
+    half = 1  # the largest power of two below width (1 for width 1)
+    while 2 * half < width:
+        half *= 2
+    while half >= 1:
+        low = jax.lax.population_count(bits & jnp.uint32((1 << half) - 1)).astype(jnp.int32)
+        up = low <= k  # the k-th set bit is above the lower `half` bits
+        k = jnp.where(up, k - low, k)
+        bits = jnp.where(up, bits >> half, bits)
+        pos = jnp.where(up, pos + half, pos)
+        half //= 2
+    # Bit 0 of `bits` is now the one at `pos`: the k-th set bit when it is set and no set bit
+    # is left to skip (k == 0); with fewer than k + 1 set bits one of the two fails.
+    return jnp.where(((bits & 1) == 1) & (k == 0), pos, width)
 
 
 def episode_core(core: TrajectoryCore, episodes: Optional[EpisodeOptions]) -> TrajectoryCore:
