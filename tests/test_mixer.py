@@ -208,3 +208,10 @@ def test_mixer_refuses_mask_with_other_sequences():
     mixer = fbx.make_mixer([padded, flat], 8, [1, 1])
     with pytest.raises(ValueError, match=r"mixing padded sequences \(mask \[B, 4\]\)"):
         mixer.sample([s_pad, s_flat], jax.random.key(0))
+
+
+def test_mixer_refuses_uniform_with_prioritised_naming_them():
+    kw = dict(max_length=16, min_length=2, sample_batch_size=4, add_batch_size=2)
+    uniform, prioritised = fbx.make_flat_buffer(**kw), fbx.make_prioritised_flat_buffer(**kw)
+    with pytest.raises(ValueError, match=r"buffers \[1\] are prioritised and \[0, 2\] are not"):
+        fbx.make_mixer([uniform, prioritised, uniform], 8, [1, 1, 1])

@@ -89,4 +89,13 @@ def make_mixer(buffers: Sequence[Any], sample_batch_size: int,
         )
     if any(not (p >= 0) for p in proportions) or sum(proportions) <= 0:
         raise ValueError(f"proportions must be >= 0 with a positive sum, got {proportions}")
+    prioritised = [hasattr(b, "set_priorities") for b in buffers]
+    if any(prioritised) and not all(prioritised):
+        # Their samples are different types (a prioritised one carries indices, priorities,
+        # probabilities and versions): no batch can hold both.
+        raise ValueError(
+            "make_mixer: buffers " + str([i for i, p in enumerate(prioritised) if p])
+            + " are prioritised and " + str([i for i, p in enumerate(prioritised) if not p])
+            + " are not; a mixed batch needs one sample type. Sample the two kinds apart "
+            "(`buffer.sample(state, key, batch_size=n)`) and concatenate their experience")
     return Mixer(tuple(buffers), sample_batch_size, tuple(float(p) for p in proportions))
