@@ -1,15 +1,16 @@
 """The cost of episode-aware sequences: trajectory buffers with `episode_end_key` against the
 same buffers without it, in a jitted `lax.scan` (time per operation).
 
-    python -m benchmarks.episodes                 # 1e4 and 1e6 items, ~3 minutes on 2 cores
+    python -m benchmarks.episodes                 # 1e4 and 1e6 items, ~2 minutes on 2 cores
     python -m benchmarks.episodes --rounds 3 --capacities 10000
 
-Workloads: uniform and prioritised trajectory buffers, 16 rows, items of shape (8,) float32,
-sequences of 8 steps on a period-2 grid, episodes ending with probability 1/50 per step;
-`add` of one step per row and `sample` of 256 sequences (every leaf summed, so that no gather
-is skipped), each scanned `--steps` times. Each
-buffer is filled completely first. In each round the arms (no episodes, "within_episode",
-"padded") run back to back in rotating order; a ratio is the median over rounds of the
+Workloads: uniform and prioritised trajectory buffers, R rows, items of shape (D,) float32
+(`--workloads RxD ...`, default 16 rows of 8 floats, and 128 rows of 64 floats: one add per
+step of 128 environments), sequences of 8 steps on a period-2 grid, episodes ending with
+probability 1/50 per step; `add` of one step per row and `sample` of 256 sequences (every
+leaf summed, so that no gather is skipped), each scanned `--steps` times. Each buffer is
+filled completely first. In each round the arms (no episodes, "within_episode", "padded")
+run back to back in rotating order; a ratio is the median over rounds of the
 per-round ratios to the arm without episodes. Writes benchmarks/results/episodes.md.
 """
 
@@ -34,13 +35,13 @@ import numpy as np  # noqa: E402
 
 import flax_replay  # noqa: E402
 
-ROWS, SEQ, PERIOD, BATCH, END_RATE = 16, 8, 2, 256, 1 / 50
+SEQ, PERIOD, BATCH, END_RATE = 8, 2, 256, 1 / 50
 MODES = (None, "within_episode", "padded")
 
 
-def make(capacity: int, prioritised: bool, mode):
-    kw = dict(add_batch_size=ROWS, sample_batch_size=BATCH, sample_sequence_length=SEQ,
-              period=PERIOD, min_length_time_axis=SEQ, max_length_time_axis=capacity // ROWS)
+def make(capacity: int, prioritised: bool, mode, rows: int = 16):
+    kw = dict(add_batch_size=rows, sample_batch_size=BATCH, sample_sequence_length=SEQ,
+              period=PERIOD, min_length_time_axis=SEQ, max_length_time_axis=capacity // rows)
     if mode is not None:
         kw.update(episode_end_key="done", sequence_mode=mode)
     with warnings.catch_warnings():
@@ -50,18 +51,19 @@ def make(capacity: int, prioritised: bool, mode):
         return flax_replay.make_trajectory_buffer(**kw)
 
 
-def steps(rng: np.random.Generator, n: int) -> dict:
-    return {"obs": jnp.asarray(rng.normal(size=(ROWS, n, 8)), jnp.float32),
-            "done": jnp.asarray(rng.random((ROWS, n)) < END_RATE)}
+def steps(rng: np.random.Generator, n: int, rows: int = 16, dim: int = 8) -> dict:
+    return {"obs": jnp.asarray(rng.normal(size=(rows, n, dim)), jnp.float32),
+            "done": jnp.asarray(rng.random((rows, n)) < END_RATE)}
 
 
-def arm(capacity: int, prioritised: bool, mode, n_steps: int):
+def arm(capacity: int, prioritised: bool, mode, n_steps: int, rows: int = 16, dim: int = 8):
     """(filled state, jitted scanned add, jitted scanned sample) of one buffer."""
-    buf = make(capacity, prioritised, mode)
+    buf = make(capacity, prioritised, mode, rows)
     rng = np.random.default_rng(0)
-    state = buf.init({"obs": jnp.zeros((8,), jnp.float32), "done": jnp.zeros((), bool)})
-    state = jax.jit(buf.add, donate_argnums=0)(state, steps(rng, buf.core.max_length_time_axis))
-    adds = steps(rng, n_steps)
+    state = buf.init({"obs": jnp.zeros((dim,), jnp.float32), "done": jnp.zeros((), bool)})
+    state = jax.jit(buf.add, donate_argnums=0)(
+        state, steps(rng, buf.core.max_length_time_axis, rows, dim))
+    adds = steps(rng, n_steps, rows, dim)
     adds = jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0)[:, :, None], adds)  # [n, R, 1, ...]
 
     def add_all(s, xs):
@@ -88,12 +90,12 @@ def timed(fn, *args):
     return time.perf_counter() - t0, out
 
 
-def run(capacities, rounds: int, n_steps: int) -> list[str]:
+def run(capacities, rounds: int, n_steps: int, rows: int = 16, dim: int = 8) -> list[str]:
     lines = ["| buffer | capacity | op | mode | us/op (no episodes) | ratio |",
              "| --- | --- | --- | --- | --- | --- |"]
     for capacity in capacities:
         for prioritised in (False, True):
-            arms = {m: arm(capacity, prioritised, m, n_steps) for m in MODES}
+            arms = {m: arm(capacity, prioritised, m, n_steps, rows, dim) for m in MODES}
             states = {m: a[0] for m, a in arms.items()}
             for m, (_, add, adds, sample, keys) in arms.items():  # compile
                 states[m] = add(states[m], adds)
@@ -125,15 +127,23 @@ def main() -> None:
     parser.add_argument("--capacities", type=int, nargs="+", default=[10_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--workloads", nargs="+", default=["16x8", "128x64"],
+                        help="ROWSxDIM: rows per add and floats per item")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "episodes.md"))
     args = parser.parse_args()
-    lines = run(args.capacities, args.rounds, args.steps)
-    header = (f"# Episode-aware trajectory buffers: cost against the same buffer without "
-              f"episodes\n\n{ROWS} rows, items (8,) float32, sequences of {SEQ}, period "
-              f"{PERIOD}, `add` of 1 step per row, `sample` of {BATCH}, scanned {args.steps} "
-              f"times; median over {args.rounds} rounds of the per-round ratio "
-              f"(jax {jax.__version__}, {os.cpu_count()} CPUs).\n\n")
-    Path(args.out).write_text(header + "\n".join(lines) + "\n")
+    text = ("# Episode-aware trajectory buffers: cost against the same buffer without "
+            "episodes\n\n`python -m benchmarks.episodes` (jax " + jax.__version__ + ", "
+            + str(os.cpu_count()) + " CPUs); load average at the start "
+            + f"{os.getloadavg()[0]:.1f}.\n")
+    for workload in args.workloads:
+        rows, dim = (int(x) for x in workload.split("x"))
+        lines = run(args.capacities, args.rounds, args.steps, rows, dim)
+        text += (f"\n## {rows} rows, items ({dim},) float32\n\nSequences of {SEQ}, period "
+                 f"{PERIOD}, `add` of 1 step per row, `sample` of {BATCH}, scanned "
+                 f"{args.steps} times; median over {args.rounds} rounds of the per-round "
+                 "ratio.\n\n" + "\n".join(lines) + "\n")
+    text += f"\nLoad average at the end {os.getloadavg()[0]:.1f}.\n"
+    Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -549,10 +549,11 @@ def test_checkpoint_roundtrip_keeps_episode_state(tmp_path):
     np.testing.assert_array_equal(sample(back, key).mask, sample(state, key).mask)
 
 
-@pytest.mark.parametrize("width", [1, 2, 5, 16, 31, 32, 40])
+@pytest.mark.parametrize("width", [1, 2, 5, 16, 31, 32, 33, 40, 64, 100, 128])
 def test_kth_true_matches_numpy(width):
-    """The row draw of uniform sampling: the k-th True of a column, by population counts for
-    up to 32 rows and by running sums above; k past the last True gives `width`."""
+    """The row draw of uniform sampling: the k-th True of a column, from population counts of
+    its 32-bit words (one word up to 32 rows, several above); k past the last True gives
+    `width`."""
     from flax_replay._src.episodes import kth_true
 
     rng = np.random.default_rng(width)
@@ -561,3 +562,24 @@ def test_kth_true_matches_numpy(width):
     want = [np.flatnonzero(f)[j] if j < f.sum() else width for f, j in zip(flags, k)]
     got = jax.jit(kth_true)(jnp.asarray(flags), jnp.asarray(k, jnp.int32))
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_uniform_draw_is_a_bijection_onto_valid_windows(rows):
+    """Targets j + 0.5 for j < total reach every sampleable window exactly once (each has
+    probability exactly 1 / total), with one 32-bit word per column (3 rows) or two (40)."""
+    buf = make((rows, 12, 3, 1, "within_episode"))
+    rng = np.random.default_rng(rows)
+    state = buf.init(EXAMPLE)
+    for _ in range(3):  # across a wrap
+        n = 7
+        state = jax.jit(buf.add)(state, {
+            "id": jnp.asarray(rng.integers(1, 100, (rows, n)), jnp.int32),
+            "done": jnp.asarray(rng.random((rows, n)) < 0.2)})
+    core = buf.core
+    total = int(sum_tree.root(state.window_count))
+    row, start = core.items_at(state, jnp.arange(total, dtype=jnp.float32) + 0.5)
+    slot = np.asarray(start) // core.period
+    got = sorted(zip(np.asarray(row).tolist(), slot.tolist()))
+    valid = np.asarray(core.sampleable(state)).reshape(rows, -1)
+    assert total > rows and got == sorted(zip(*np.nonzero(valid)))

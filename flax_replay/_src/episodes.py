@@ -441,13 +441,26 @@ class PrioritisedEpisodeCore(EpisodeMethods, PrioritisedCore):
 
 def kth_true(flags: Array, k: Array) -> Array:
     """int32 `[b]`: the index of the `k[i]`-th (from 0) True of each row of `flags` bool
-    `[b, r]` (`r` where a row has fewer than k + 1)."""
-    r = flags.shape[1]
-    if r <= 32:  # each row as a bit mask, searched by population counts
-        bits = flags.astype(jnp.uint32) << jnp.arange(r, dtype=jnp.uint32)
-        return kth_set_bit(jnp.sum(bits, axis=1, dtype=jnp.uint32), k, r)
-    running = jnp.cumsum(flags, axis=1, dtype=jnp.int32)  # the Trues up to each index
-    return jnp.sum(running <= k[:, None], axis=1, dtype=jnp.int32)
+    `[b, r]` (`r` where a row has fewer than k + 1).
+
+    Each row is packed into 32-bit words; the word holding the k-th True is found from the
+    words' population counts, and the bit inside it by `kth_set_bit`: a few elementwise
+    steps, where a running sum over the flags would cost a pass per flag.
+    """
+    b, r = flags.shape
+    n = -(-r // 32)
+    padded = jnp.pad(flags, ((0, 0), (0, n * 32 - r))).reshape(b, n, 32)
+    words = jnp.sum(padded.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=2,
+                    dtype=jnp.uint32)  # [b, n]
+    if n == 1:
+        return jnp.minimum(kth_set_bit(words[:, 0], k, min(r, 32)), r)
+    counts = jax.lax.population_count(words).astype(jnp.int32)
+    before = jnp.cumsum(counts, axis=1) - counts  # Trues in the words before each word
+    word = jnp.sum(before + counts <= k[:, None], axis=1, dtype=jnp.int32)  # n: past the end
+    at = jnp.minimum(word, n - 1)[:, None]
+    bit = kth_set_bit(jnp.take_along_axis(words, at, axis=1)[:, 0],
+                      k - jnp.take_along_axis(before, at, axis=1)[:, 0], 32)
+    return jnp.where(word < n, jnp.minimum(word * 32 + bit, r), r)
 
 
 def kth_set_bit(bits: Array, k: Array, width: int) -> Array:
