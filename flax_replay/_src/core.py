@@ -78,6 +78,16 @@ def floor_div(a: Array, b: int) -> Array:
     return jnp.floor_divide(a, b)
 
 
+
+def write_steps(store: Array, steps: Array, time: Array) -> Array:
+    """`store` `[R, T, ...]` with `steps` `[R, A, ...]` written at time indices `time` `[A]`
+    (consecutive modulo T), in place under donation. One step is a dynamic update of one
+    column (a scatter would also check its index's bounds: more small ops per add)."""
+    if steps.shape[1] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(store, steps.astype(store.dtype), time[0],
+                                                   axis=1)
+    return store.at[:, time].set(steps, unique_indices=True)
+
 @dataclasses.dataclass(frozen=True)
 class TrajectoryCore:
     """Static configuration and the pure functions over a trajectory state.
@@ -191,8 +201,8 @@ class TrajectoryCore:
         time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
         # Indices and steps join the storage's memory: one space per operation.
         time, rows = memory.to_storage((time, rows), self.memory_kind)
-        experience = jax.tree.map(
-            lambda store, x: store.at[:, time].set(x, unique_indices=True), state.experience, rows)
+        experience = jax.tree.map(lambda store, x: write_steps(store, x, time), state.experience,
+                                  rows)
         new_index = state.current_index + a
         return state.replace(
             experience=experience,

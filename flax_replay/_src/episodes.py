@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_replay._src import checks, sum_tree
-from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore
+from flax_replay._src.core import Sample, TrajectoryBufferState, TrajectoryCore, write_steps
 from flax_replay._src.priorities import (
     PrioritisedCore,
     PrioritisedSample,
@@ -227,14 +227,14 @@ class EpisodeMethods:
         time = (state.current_index + jnp.arange(a, dtype=jnp.int32)) % t
         last = (state.current_index - 1) % t  # the previous step, kept by any add of a < T
         old_ends = state.episode_ends
-        new_ends = old_ends.at[:, time].set(ends, unique_indices=True)
+        new_ends = write_steps(old_ends, ends, time)
         # Read the previous step's flag from the written array: reading the old one first
         # would make XLA copy the whole flag array on every add instead of writing in place.
         prev = (old_ends if a == t else new_ends)[:, last] | (written == 0)
         starts = jnp.concatenate([prev[:, None], ends[:, :-1]], axis=1)
         return dict(
             episode_ends=new_ends,
-            episode_starts=state.episode_starts.at[:, time].set(starts, unique_indices=True),
+            episode_starts=write_steps(state.episode_starts, starts, time),
         )
 
     def _window_ok(self, state: Any, start: Array) -> Array:
