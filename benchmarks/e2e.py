@@ -1,0 +1,347 @@
+"""The main job end to end: `examples/dqn_per.py` on flax_replay's buffer and on Flashbax's.
+
+    python -m benchmarks.e2e                         # both arms, 3 rounds, 200,000 env steps
+    python -m benchmarks.e2e --buffer flashbax --rounds 1
+    python -m benchmarks.e2e -- --weights batch      # flags after `--` go to the example
+
+Both arms run the example's own training: its flags (README's first command, with a shorter
+`--total-steps`), its `make_state`, its jitted and donated `make_train_chunk` (act, step the
+environments, add, sample with importance weights, double-DQN update, set priorities) and its
+seeds. The only difference is the agent's `replay` submodule. The flax_replay arm is the
+example as it is. The Flashbax arm swaps in `FlashbaxReplay`, a Linen module that keeps
+`fbx.make_prioritised_flat_buffer`'s state (same capacity, min length, batch sizes, priority
+exponent) in the "replay" collection, where the agent keeps ours, and gives the agent the
+methods it calls: `add`, `can_sample`, `sample`, `importance_weights`, `set_priorities`.
+Its importance weights are those of the example, `(P(i) / P_min) ** -beta`, from Flashbax's
+sampling probabilities; with `--weights buffer` (the default) `P_min` is the smallest
+probability of any item, which Flashbax (no min tree) can only get by reading every leaf.
+
+Timed: the chunks of training only, as the example's own steps/s (its per-chunk greedy
+evaluation and checkpoints are left out), after each arm is compiled once ahead of time (the
+compile time is reported separately). Each round runs both arms from the same initial state
+(checked: same parameters), in alternating order; the ratio is the median over rounds of
+flax_replay's env steps per second over Flashbax's (> 1: flax_replay faster). Both arms'
+final greedy returns are printed, so that the comparison is of two programs that learn.
+A breakdown (per vectorised step, in a jitted scan on the trained state) shows where the time
+goes: acting and stepping the environments, the add, and sample + weights + set_priorities;
+the rest of a learning step is the learner. Writes `--out` (benchmarks/results/e2e.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT, ROOT / "examples"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import flax_replay  # noqa: E402
+from flax_replay._src.priorities import importance_weights  # noqa: E402
+
+import dqn_per as dqn  # noqa: E402  (examples/dqn_per.py)
+
+ARMS = ("flax_replay", "flashbax")
+DEFAULT_STEPS = 200_000
+
+
+# ------------------------------------------------------------------ the Flashbax arm's buffer
+class FlashbaxReplay(nn.Module):
+    """Flashbax's prioritised flat buffer behind the methods the example's agent calls on its
+    `flax_replay.linen.ReplayBuffer`. Its state (a Flashbax state dataclass) is the variable
+    `"replay"/"state"`; nothing is in "priorities". The methods call Flashbax's functions."""
+
+    buffer: Any      # fbx.make_prioritised_flat_buffer(...)
+    experience: Any  # one stored step, no batch axes
+
+    def setup(self) -> None:
+        self.store = self.variable("replay", "state",
+                                    lambda: self.buffer.init(dict(self.experience)))
+
+    def __call__(self) -> None:
+        self.store.value  # noqa: B018 (creates the empty buffer at init)
+
+    def state(self) -> Any:
+        return self.store.value
+
+    def add(self, step: Any) -> None:
+        """`step`: the tree of one vectorised step, leaves `[add_batch_size, ...]`."""
+        self.store.value = self.buffer.add(self.store.value, dict(step))
+
+    def can_sample(self) -> jax.Array:
+        return self.buffer.can_sample(self.store.value)
+
+    def sample(self, key: jax.Array) -> Any:
+        return self.buffer.sample(self.store.value, key)
+
+    def importance_weights(self, batch: Any, beta: jax.Array, normalise: str) -> jax.Array:
+        """`[B]` weights from the sample's probabilities, as flax_replay computes them: over
+        the largest weight in the buffer (the smallest positive probability, found here by
+        reading every leaf of Flashbax's sum tree) or in the batch. Draws of probability 0
+        weigh 0 (see `set_priorities`)."""
+        tree = self.store.value.sum_tree_state
+        drawn = batch.probabilities > 0
+        if normalise == "buffer":
+            first_leaf = 2 ** tree.tree_depth - 1
+            leaves = tree.nodes[first_leaf:first_leaf + tree.capacity]
+            p_min = jnp.min(jnp.where(leaves > 0, leaves, jnp.inf)) / tree.nodes[0]  # root: total
+        else:
+            p_min = jnp.ones(())  # unused by the "batch" normalisation
+        p = jnp.where(drawn, batch.probabilities, p_min)  # no 0 ** -beta
+        return jnp.where(drawn, importance_weights(p, p_min, beta, normalise), 0.0)
+
+    def set_priorities(self, batch: Any, priorities: jax.Array) -> None:
+        """Flashbax sets by index: nothing is added between the example's sample and its
+        set_priorities, so no update is stale (flax_replay would drop stale ones).
+
+        Draws of probability 0 keep priority 0. Flashbax 0.1.3's float32 sum tree updates its
+        nodes by adding differences, so a node drifts from the sum of its children; a draw
+        near the top of the last stratum can then descend into the tree's padding (leaf
+        2 ** depth - 1, beyond the capacity: the data gathered there is clamped garbage, the
+        probability 0). Unguarded, this run's weights become inf at about step 12,000, the
+        loss and the tree NaN, and the agent never learns (Flashbax issue #52; a float64
+        tree came in a later release)."""
+        priorities = jnp.where(batch.probabilities > 0, priorities, 0.0)
+        self.store.value = self.buffer.set_priorities(self.store.value, batch.indices,
+                                                       priorities)
+
+
+class FlashbaxAgent(dqn.Agent):
+    """The example's agent, its `replay` submodule on Flashbax (same names, same params)."""
+
+    def setup(self) -> None:
+        self.online = dqn.QNetwork(self.num_actions, self.hidden)
+        self.target = dqn.QNetwork(self.num_actions, self.hidden)
+        self.replay = FlashbaxReplay(buffer=self.buffer, experience=self.experience)
+
+    def running_index(self) -> jax.Array:
+        return self.replay.state().running_index
+
+
+def make_state(arm: str, args, env: dqn.VecEnv, key: jax.Array) -> flax_replay.TrainState:
+    """The example's initial state (`dqn.make_state`); for Flashbax, with the agent and the
+    buffer variables replaced (the params and optimizer state are the example's own)."""
+    state = dqn.make_state(args, env, key)
+    if arm == "flax_replay":
+        return state
+    import flashbax as fbx
+
+    buffer = fbx.make_prioritised_flat_buffer(
+        max_length=args.buffer_size, min_length=args.batch_size,
+        sample_batch_size=args.batch_size, add_batch_size=args.num_envs,
+        priority_exponent=args.alpha,
+    )
+    agent = FlashbaxAgent(env.num_actions, tuple(args.hidden), buffer, env.stored_step(),
+                          args.weights)
+    variables = agent.init(key, jnp.zeros((1, *env.obs_shape)))
+    same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
+                        dict(variables["params"])["online"], state.params["online"])
+    if not all(jax.tree.leaves(same)):
+        raise AssertionError("the Flashbax agent's initial parameters differ from the example's")
+    return state.replace(apply_fn=agent.apply, replay=variables["replay"], priorities={})
+
+
+def initial_carry(args, env: dqn.VecEnv, state) -> dqn.Carry:
+    """The carry of the example's `main` at step 0 (same keys)."""
+    _, rng, _ = jax.random.split(jax.random.key(args.seed), 3)
+    k_reset, key = jax.random.split(jax.random.fold_in(rng, 0))
+    obs, env_state = env.reset(k_reset, args.num_envs)
+    carry = dqn.Carry(state, env_state, obs, jnp.zeros(args.num_envs), key,
+                      jnp.asarray(0, jnp.int32))
+    return jax.device_put(carry, jax.local_devices()[0])
+
+
+# ----------------------------------------------------------------------------------- a run
+class Arm:
+    """One arm: its compiled chunk (compiled once, reused every round) and a `run()` that
+    trains from the initial state and returns its figures."""
+
+    def __init__(self, name: str, args, env: dqn.VecEnv) -> None:
+        self.name, self.args, self.env = name, args, env
+        k_init, _, self.k_eval = jax.random.split(jax.random.key(args.seed), 3)
+        # One initial carry, copied for every run: a new `make_state` would bring new
+        # optimizer closures (static pytree metadata), which the compiled chunk refuses.
+        self.initial = carry = initial_carry(args, env, make_state(name, args, env, k_init))
+        tick = time.perf_counter()
+        self.chunk = dqn.make_train_chunk(args, env).lower(carry).compile()
+        self.compile_s = time.perf_counter() - tick
+        apply_fn = carry.state.apply_fn
+
+        @jax.jit
+        def evaluate(params, key):
+            q = functools.partial(apply_fn, {"params": params})
+            return dqn.greedy_returns(q, env, key, args.eval_episodes)
+
+        self.evaluate = evaluate
+
+    def fresh(self) -> dqn.Carry:
+        """A copy of the initial carry (the chunk donates, hence consumes, its input)."""
+        return jax.tree.map(lambda x: x.copy(), self.initial)
+
+    def run(self) -> dict:
+        carry = self.fresh()
+        jax.block_until_ready(carry)
+        seconds, steps = 0.0, 0
+        while steps < self.args.total_steps:
+            tick = time.perf_counter()
+            carry, metrics = self.chunk(carry)
+            metrics, steps = jax.device_get((metrics, carry.env_steps))
+            seconds += time.perf_counter() - tick
+            steps = int(steps)
+        returns = jax.device_get(self.evaluate(carry.state.params, self.k_eval))
+        self.last = carry
+        return {"env_steps": steps, "updates": int(carry.state.step), "seconds": seconds,
+                "sps": steps / seconds, "greedy_return": float(returns.mean())}
+
+
+# ------------------------------------------------------------------------------ breakdown
+def _per_step(fn: Callable, carry: Any, n: int, reps: int = 3) -> float:
+    """Seconds per iteration of `fn` in a jitted scan of `n` iterations (best of `reps`)."""
+    scan = jax.jit(lambda c: jax.lax.scan(lambda c, _: (fn(c), None), c, None, length=n)[0])
+    jax.block_until_ready(scan(carry))
+    best = float("inf")
+    for _ in range(reps):
+        tick = time.perf_counter()
+        jax.block_until_ready(scan(carry))
+        best = min(best, time.perf_counter() - tick)
+    return best / n
+
+
+def breakdown(arm: Arm, n: int = 200) -> dict:
+    """Microseconds per vectorised step of the parts of a learning step, on the trained
+    state: acting + environment step, the add, sample + importance weights + set_priorities."""
+    args, env, carry = arm.args, arm.env, arm.last
+    state = carry.state
+    beta = jnp.float32(0.7)
+
+    def act_env(c):
+        env_state, obs, key = c
+        key, k_act, k_env = jax.random.split(key, 3)
+        q = state.apply_fn({"params": state.params}, obs)
+        action = dqn.epsilon_greedy(k_act, q, jnp.float32(0.1))
+        obs, env_state, *_ = env.step(k_env, env_state, action)
+        return env_state, obs, key
+
+    step = {"obs": carry.obs, "action": jnp.zeros(args.num_envs, jnp.int32),
+            "reward": jnp.ones(args.num_envs), "terminated": jnp.zeros(args.num_envs, bool),
+            "truncated": jnp.zeros(args.num_envs, bool)}
+
+    def add(s):
+        return s.apply(step, method="add")[1]
+
+    def sample_set(c):
+        s, key = c
+        key, k = jax.random.split(key)
+        (batch, weights), s = s.apply(k, beta, method="sample")
+        priorities = jnp.abs(batch.experience.first["reward"]) * weights + 1e-3
+        return s.apply(batch, priorities, method="set_priorities")[1], key
+
+    key = jax.random.key(1)
+    return {"act+env": 1e6 * _per_step(act_env, (carry.env_state, carry.obs, key), n),
+            "add": 1e6 * _per_step(add, state, n),
+            "sample+weights+set": 1e6 * _per_step(sample_set, (state, key), n)}
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--buffer", choices=(*ARMS, "both"), default="both")
+    p.add_argument("--total-steps", type=int, default=DEFAULT_STEPS,
+                   help="env steps per run (the example's --total-steps; its schedules span it)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--out", type=Path, default=None,
+                   help="markdown results (default: none; the full run writes "
+                        "benchmarks/results/e2e.md)")
+    p.add_argument("example", nargs="*", help="after `--`: more flags for the example")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    opts = parse_args(argv)
+    args = dqn.parse_args(["--total-steps", str(opts.total_steps), "--no-progress",
+                           *opts.example])
+    env = dqn.VecEnv.make(args.env)
+    names = ARMS if opts.buffer == "both" else (opts.buffer,)
+    arms = {name: Arm(name, args, env) for name in names}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for r in range(opts.rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            out = arms[name].run()
+            runs[name].append(out)
+            print(f"round {r + 1} {name}: {out['sps']:,.0f} env steps/s ({out['seconds']:.1f} s,"
+                  f" {out['env_steps']} env steps, {out['updates']} updates), greedy return "
+                  f"{out['greedy_return']:.1f}", flush=True)
+    result: dict = {"args": args, "opts": opts, "runs": runs, "load": os.getloadavg(),
+                    "compile_s": {n: a.compile_s for n, a in arms.items()}}
+    if len(names) == 2:
+        ratios = [a["sps"] / b["sps"] for a, b in zip(runs[ARMS[0]], runs[ARMS[1]])]
+        result["ratios"], result["ratio"] = ratios, statistics.median(ratios)
+        print(f"flax_replay / Flashbax env steps per second: median {result['ratio']:.3f} "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)}); load {result['load']}")
+    if not opts.no_breakdown:
+        result["breakdown"] = {n: breakdown(a) for n, a in arms.items()}
+        for n, parts in result["breakdown"].items():
+            print(f"{n}: " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items()))
+    if opts.out is not None:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        opts.out.write_text(report(result))
+        print(f"wrote {opts.out}")
+    return result
+
+
+def report(result: dict) -> str:
+    """The markdown of `main`'s result."""
+    args, opts, runs = result["args"], result["opts"], result["runs"]
+    lines = [
+        "# End to end: examples/dqn_per.py on flax_replay's buffer and on Flashbax's", "",
+        f"`python -m benchmarks.e2e --total-steps {opts.total_steps} --rounds {opts.rounds}"
+        + (" -- " + " ".join(opts.example) if opts.example else "") + "`", "",
+        f"CartPole-v1, {args.num_envs} envs, buffer {args.buffer_size:,}, batch "
+        f"{args.batch_size}, learning from step {args.learning_starts:,}, "
+        f"--weights {args.weights}, seed {args.seed}; {os.cpu_count()} CPU cores (shared), "
+        f"load average {' '.join(f'{x:.2f}' for x in result['load'])} at the end, "
+        f"jax {jax.__version__}.", "",
+        "| round | arm | env steps/s | training s | env steps | updates | greedy return |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, outs in runs.items():
+        for r, o in enumerate(outs):
+            lines.append(f"| {r + 1} | {name} | {o['sps']:,.0f} | {o['seconds']:.1f} | "
+                         f"{o['env_steps']:,} | {o['updates']:,} | {o['greedy_return']:.1f} |")
+    lines.append("")
+    lines.append("Compile (once per arm, not timed above): " + ", ".join(
+        f"{n} {s:.1f} s" for n, s in result["compile_s"].items()) + ".")
+    if "ratio" in result:
+        lines += ["", f"**flax_replay / Flashbax, env steps per second: {result['ratio']:.3f}**"
+                  f" (median of the per-round ratios "
+                  f"{', '.join(f'{x:.3f}' for x in result['ratios'])}; > 1: flax_replay "
+                  "faster)."]
+    if "breakdown" in result:
+        parts = next(iter(result["breakdown"].values())).keys()
+        lines += ["", "Where the time goes: microseconds per vectorised step "
+                  f"({args.num_envs} env steps), each part alone in a jitted scan on the "
+                  "trained state; a learning step of the run for comparison.", "",
+                  "| arm | " + " | ".join(parts) + " | whole step (run average) |",
+                  "| --- |" + " --- |" * (len(parts) + 1)]
+        for n, b in result["breakdown"].items():
+            whole = 1e6 * args.num_envs / statistics.median(o["sps"] for o in runs[n])
+            lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in b.values())
+                         + f" | {whole:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
