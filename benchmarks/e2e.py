@@ -130,12 +130,10 @@ class FlashbaxAgent(dqn.Agent):
         return self.replay.state().running_index
 
 
-def make_state(arm: str, args, env: dqn.VecEnv, key: jax.Array) -> flax_replay.TrainState:
-    """The example's initial state (`dqn.make_state`); for Flashbax, with the agent and the
-    buffer variables replaced (the params and optimizer state are the example's own)."""
-    state = dqn.make_state(args, env, key)
-    if arm == "flax_replay":
-        return state
+def flashbax_state(args, env: dqn.VecEnv, key: jax.Array, state: flax_replay.TrainState
+                   ) -> flax_replay.TrainState:
+    """The example's initial `state` (`dqn.make_state(args, env, key)`) with the agent and the
+    buffer variables replaced by Flashbax's (the params and optimizer state are the same)."""
     import flashbax as fbx
 
     buffer = fbx.make_prioritised_flat_buffer(
@@ -164,26 +162,33 @@ def initial_carry(args, env: dqn.VecEnv, state) -> dqn.Carry:
 
 
 # ----------------------------------------------------------------------------------- a run
+def make_evaluate(args, env: dqn.VecEnv) -> Callable:
+    """The example's greedy evaluation (the online network's returns `[eval_episodes]`),
+    made once for both arms (they share the network), so compiled once."""
+    net = dqn.QNetwork(env.num_actions, tuple(args.hidden))
+
+    @jax.jit
+    def evaluate(params, key):
+        q = functools.partial(net.apply, {"params": params["online"]})
+        return dqn.greedy_returns(q, env, key, args.eval_episodes)
+
+    return evaluate
+
+
 class Arm:
     """One arm: its compiled chunk (compiled once, reused every round) and a `run()` that
     trains from the initial state and returns its figures."""
 
-    def __init__(self, name: str, args, env: dqn.VecEnv) -> None:
+    def __init__(self, name: str, args, env: dqn.VecEnv, state: flax_replay.TrainState,
+                 evaluate: Callable) -> None:
         self.name, self.args, self.env = name, args, env
-        k_init, _, self.k_eval = jax.random.split(jax.random.key(args.seed), 3)
+        _, _, self.k_eval = jax.random.split(jax.random.key(args.seed), 3)
         # One initial carry, copied for every run: a new `make_state` would bring new
         # optimizer closures (static pytree metadata), which the compiled chunk refuses.
-        self.initial = carry = initial_carry(args, env, make_state(name, args, env, k_init))
+        self.initial = carry = initial_carry(args, env, state)
         tick = time.perf_counter()
         self.chunk = dqn.make_train_chunk(args, env).lower(carry).compile()
         self.compile_s = time.perf_counter() - tick
-        apply_fn = carry.state.apply_fn
-
-        @jax.jit
-        def evaluate(params, key):
-            q = functools.partial(apply_fn, {"params": params})
-            return dqn.greedy_returns(q, env, key, args.eval_episodes)
-
         self.evaluate = evaluate
 
     def fresh(self) -> dqn.Carry:
@@ -207,21 +212,14 @@ class Arm:
 
 
 # ------------------------------------------------------------------------------ breakdown
-def _per_step(fn: Callable, carry: Any, n: int, reps: int = 3) -> float:
-    """Seconds per iteration of `fn` in a jitted scan of `n` iterations (best of `reps`)."""
-    scan = jax.jit(lambda c: jax.lax.scan(lambda c, _: (fn(c), None), c, None, length=n)[0])
-    jax.block_until_ready(scan(carry))
-    best = float("inf")
-    for _ in range(reps):
-        tick = time.perf_counter()
-        jax.block_until_ready(scan(carry))
-        best = min(best, time.perf_counter() - tick)
-    return best / n
+def _scan(fn: Callable, n: int) -> Callable:
+    """A jitted scan of `n` iterations of `fn` (carry -> carry)."""
+    return jax.jit(lambda c: jax.lax.scan(lambda c, _: (fn(c), None), c, None, length=n)[0])
 
 
-def breakdown(arm: Arm, n: int = 200) -> dict:
-    """Microseconds per vectorised step of the parts of a learning step, on the trained
-    state: acting + environment step, the add, sample + importance weights + set_priorities."""
+def parts(arm: Arm, n: int) -> dict[str, tuple[Callable, Any]]:
+    """The parts of a learning step on the trained state, each as `(scanned fn, carry)`:
+    acting + environment step, the add, sample + importance weights + set_priorities."""
     args, env, carry = arm.args, arm.env, arm.last
     state = carry.state
     beta = jnp.float32(0.7)
@@ -245,13 +243,31 @@ def breakdown(arm: Arm, n: int = 200) -> dict:
         s, key = c
         key, k = jax.random.split(key)
         (batch, weights), s = s.apply(k, beta, method="sample")
-        priorities = jnp.abs(batch.experience.first["reward"]) * weights + 1e-3
+        # Priorities that depend on the sampled data, so that the gather is not skipped.
+        priorities = jnp.abs(batch.experience.first["obs"][:, 0]) * weights + 1e-3
         return s.apply(batch, priorities, method="set_priorities")[1], key
 
     key = jax.random.key(1)
-    return {"act+env": 1e6 * _per_step(act_env, (carry.env_state, carry.obs, key), n),
-            "add": 1e6 * _per_step(add, state, n),
-            "sample+weights+set": 1e6 * _per_step(sample_set, (state, key), n)}
+    return {"act+env": (_scan(act_env, n), (carry.env_state, carry.obs, key)),
+            "add": (_scan(add, n), state),
+            "sample+weights+set": (_scan(sample_set, n), (state, key))}
+
+
+def breakdown(arms: dict[str, Arm], n: int = 500, reps: int = 5) -> dict[str, dict[str, float]]:
+    """Microseconds per vectorised step of each part (`parts`) of each arm: best of `reps`
+    scans of `n` iterations, the arms alternated within each rep."""
+    fns = {name: parts(arm, n) for name, arm in arms.items()}
+    for per_arm in fns.values():
+        for fn, carry in per_arm.values():
+            jax.block_until_ready(fn(carry))  # compile
+    best = {name: dict.fromkeys(per_arm, float("inf")) for name, per_arm in fns.items()}
+    for r in range(reps):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            for part, (fn, carry) in fns[name].items():
+                tick = time.perf_counter()
+                jax.block_until_ready(fn(carry))
+                best[name][part] = min(best[name][part], 1e6 * (time.perf_counter() - tick) / n)
+    return best
 
 
 # ------------------------------------------------------------------------------------ main
@@ -262,6 +278,8 @@ def parse_args(argv=None):
                    help="env steps per run (the example's --total-steps; its schedules span it)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-breakdown", action="store_true")
+    p.add_argument("--breakdown-steps", type=int, default=500,
+                   help="iterations of each part's scan in the breakdown")
     p.add_argument("--out", type=Path, default=None,
                    help="markdown results (default: none; the full run writes "
                         "benchmarks/results/e2e.md)")
@@ -275,7 +293,12 @@ def main(argv=None) -> dict:
                            *opts.example])
     env = dqn.VecEnv.make(args.env)
     names = ARMS if opts.buffer == "both" else (opts.buffer,)
-    arms = {name: Arm(name, args, env) for name in names}
+    evaluate = make_evaluate(args, env)
+    k_init = jax.random.split(jax.random.key(args.seed), 3)[0]  # as the example's `main`
+    state = dqn.make_state(args, env, k_init)
+    states = {"flax_replay": state, "flashbax": flashbax_state(args, env, k_init, state)
+              if "flashbax" in names else None}
+    arms = {name: Arm(name, args, env, states[name], evaluate) for name in names}
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for r in range(opts.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -292,9 +315,9 @@ def main(argv=None) -> dict:
         print(f"flax_replay / Flashbax env steps per second: median {result['ratio']:.3f} "
               f"(rounds: {', '.join(f'{x:.3f}' for x in ratios)}); load {result['load']}")
     if not opts.no_breakdown:
-        result["breakdown"] = {n: breakdown(a) for n, a in arms.items()}
-        for n, parts in result["breakdown"].items():
-            print(f"{n}: " + ", ".join(f"{k} {v:.1f} us" for k, v in parts.items()))
+        result["breakdown"] = breakdown(arms, opts.breakdown_steps)
+        for n, times in result["breakdown"].items():
+            print(f"{n}: " + ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
     if opts.out is not None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(report(result))
@@ -330,16 +353,18 @@ def report(result: dict) -> str:
                   f"{', '.join(f'{x:.3f}' for x in result['ratios'])}; > 1: flax_replay "
                   "faster)."]
     if "breakdown" in result:
-        parts = next(iter(result["breakdown"].values())).keys()
+        cols = list(next(iter(result["breakdown"].values())))
         lines += ["", "Where the time goes: microseconds per vectorised step "
-                  f"({args.num_envs} env steps), each part alone in a jitted scan on the "
-                  "trained state; a learning step of the run for comparison.", "",
-                  "| arm | " + " | ".join(parts) + " | whole step (run average) |",
-                  "| --- |" + " --- |" * (len(parts) + 1)]
-        for n, b in result["breakdown"].items():
+                  f"({args.num_envs} env steps). Each part alone in a jitted scan on the "
+                  "trained state (best of 5, arms alternated); the whole step is the run's "
+                  "average (median round); the rest is the learner (three Q-network passes "
+                  "and a gradient step on the batch, Adam, Polyak) and the loop.", "",
+                  "| arm | " + " | ".join(cols) + " | rest | whole step |",
+                  "| --- |" + " --- |" * (len(cols) + 2)]
+        for n, times in result["breakdown"].items():
             whole = 1e6 * args.num_envs / statistics.median(o["sps"] for o in runs[n])
-            lines.append(f"| {n} | " + " | ".join(f"{v:.1f}" for v in b.values())
-                         + f" | {whole:.1f} |")
+            lines.append(f"| {n} | " + " | ".join(f"{times[c]:.1f}" for c in cols)
+                         + f" | {whole - sum(times.values()):.1f} | {whole:.1f} |")
     return "\n".join(lines) + "\n"
 
 
