@@ -57,6 +57,7 @@ import dqn_per as dqn  # noqa: E402  (examples/dqn_per.py)
 ARMS = ("flax_replay", "flashbax")
 DEFAULT_STEPS = 200_000
 BUFFER_PARTS = ("add", "sample+weights+set")  # the breakdown's parts that differ by arm
+WHOLE = "whole step"
 
 
 # ------------------------------------------------------------------ the Flashbax arm's buffer
@@ -193,9 +194,10 @@ class Arm:
         self.compile_s = time.perf_counter() - tick
         self.evaluate = evaluate
 
-    def fresh(self) -> dqn.Carry:
-        """A copy of the initial carry (the chunk donates, hence consumes, its input)."""
-        return jax.tree.map(lambda x: x.copy(), self.initial)
+    def fresh(self, carry: dqn.Carry | None = None) -> dqn.Carry:
+        """A copy of the initial carry, or of `carry` (the chunk donates, hence consumes, its
+        input)."""
+        return jax.tree.map(lambda x: x.copy(), self.initial if carry is None else carry)
 
     def start(self) -> None:
         """A new run from the initial state."""
@@ -278,19 +280,26 @@ def parts(arm: Arm, n: int) -> dict[str, tuple[Callable, Any]]:
 
 
 def breakdown(arms: dict[str, Arm], n: int = 500, reps: int = 5) -> dict[str, dict[str, float]]:
-    """Microseconds per vectorised step of each part (`parts`) of each arm: best of `reps`
-    scans of `n` iterations, the arms alternated within each rep."""
+    """Microseconds per vectorised step of each part (`parts`) of each arm, and of the whole
+    learning step (`WHOLE`: one more chunk of the run's compiled training from its final
+    state): best of `reps`, the arms alternated within each rep."""
     fns = {name: parts(arm, n) for name, arm in arms.items()}
     for per_arm in fns.values():
         for fn, carry in per_arm.values():
             jax.block_until_ready(fn(carry))  # compile
-    best = {name: dict.fromkeys(per_arm, float("inf")) for name, per_arm in fns.items()}
+    best = {name: dict.fromkeys([*per_arm, WHOLE], float("inf")) for name, per_arm in fns.items()}
     for r in range(reps):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             for part, (fn, carry) in fns[name].items():
                 tick = time.perf_counter()
                 jax.block_until_ready(fn(carry))
                 best[name][part] = min(best[name][part], 1e6 * (time.perf_counter() - tick) / n)
+            arm = arms[name]
+            carry = jax.block_until_ready(arm.fresh(arm.last))  # the chunk donates its input
+            tick = time.perf_counter()
+            jax.block_until_ready(arm.chunk(carry))
+            per_step = (time.perf_counter() - tick) / (arm.args.chunk_steps // arm.args.num_envs)
+            best[name][WHOLE] = min(best[name][WHOLE], 1e6 * per_step)
     return best
 
 
@@ -377,27 +386,28 @@ def report(result: dict) -> str:
                   f"{', '.join(f'{x:.3f}' for x in result['ratios'])}; > 1: flax_replay "
                   "faster)."]
     if "breakdown" in result:
-        cols = list(next(iter(result["breakdown"].values())))
+        cols = [c for c in next(iter(result["breakdown"].values())) if c != WHOLE]
         lines += ["", "Where the time goes: microseconds per vectorised step "
-                  f"({args.num_envs} env steps). Each part alone in a jitted scan on the "
-                  "trained state (best of 5, arms alternated); the whole step is the run's "
-                  "average (median round); the rest is the learner (three Q-network passes "
-                  "and a gradient step on the batch, Adam, Polyak) and the loop.", "",
-                  "| arm | " + " | ".join(cols) + " | rest | whole step |",
-                  "| --- |" + " --- |" * (len(cols) + 2)]
+                  f"({args.num_envs} env steps), best of 5 with the arms alternated, on the "
+                  "trained state. Each part alone in a jitted scan; the whole learning step "
+                  "is one more chunk of the run's compiled training; the rest (whole minus "
+                  "parts) is the learner (three Q-network passes and a gradient step on the "
+                  "batch, Adam, Polyak), the `cond` and the loop. Last column: the run's "
+                  "average (median round), under the load of the moment.", "",
+                  "| arm | " + " | ".join(cols) + " | rest | whole step | run average |",
+                  "| --- |" + " --- |" * (len(cols) + 3)]
         for n, times in result["breakdown"].items():
-            whole = 1e6 * args.num_envs / statistics.median(o["sps"] for o in runs[n])
+            run_avg = 1e6 * args.num_envs / statistics.median(o["sps"] for o in runs[n])
+            rest = times[WHOLE] - sum(times[c] for c in cols)
             lines.append(f"| {n} | " + " | ".join(f"{times[c]:.1f}" for c in cols)
-                         + f" | {whole - sum(times.values()):.1f} | {whole:.1f} |")
+                         + f" | {rest:.1f} | {times[WHOLE]:.1f} | {run_avg:.1f} |")
         if len(result["breakdown"]) == 2:
             ours, theirs = (result["breakdown"][n] for n in ARMS)
-            whole = 1e6 * args.num_envs / statistics.median(o["sps"] for o in runs[ARMS[0]])
             saved = sum(theirs[c] - ours[c] for c in BUFFER_PARTS)
-            lines += ["", f"The buffer's parts ({', '.join(BUFFER_PARTS)}) take "
-                      f"{saved:.1f} us per step less on flax_replay; with the rest as "
-                      f"flax_replay's run measured it, the ratio they predict is "
-                      f"{(whole + saved) / whole:.3f} (less noisy than the runs' ratio on a "
-                      "loaded machine: the parts are timed best-of, alternated)."]
+            lines += ["", f"The buffer's parts ({', '.join(BUFFER_PARTS)}) take {saved:.1f} us "
+                      "per step less on flax_replay; the whole learning steps differ by "
+                      f"{theirs[WHOLE] - ours[WHOLE]:.1f} us, a ratio of "
+                      f"{theirs[WHOLE] / ours[WHOLE]:.3f}."]
     return "\n".join(lines) + "\n"
 
 
