@@ -316,12 +316,17 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=None,
                    help="markdown results (default: none; the full run writes "
                         "benchmarks/results/e2e.md)")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin the process to this many cores (0: all); on one core XLA:CPU "
+                        "splits no operation across threads")
     p.add_argument("example", nargs="*", help="after `--`: more flags for the example")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     opts = parse_args(argv)
+    if opts.cores:  # before the first computation creates the CPU client and its threads
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: opts.cores])
     args = dqn.parse_args(["--total-steps", str(opts.total_steps), "--no-progress",
                            *opts.example])
     env = dqn.VecEnv.make(args.env)
@@ -364,10 +369,12 @@ def report(result: dict) -> str:
     lines = [
         "# End to end: examples/dqn_per.py on flax_replay's buffer and on Flashbax's", "",
         f"`python -m benchmarks.e2e --total-steps {opts.total_steps} --rounds {opts.rounds}"
+        + (f" --cores {opts.cores}" if opts.cores else "")
         + (" -- " + " ".join(opts.example) if opts.example else "") + "`", "",
         f"CartPole-v1, {args.num_envs} envs, buffer {args.buffer_size:,}, batch "
         f"{args.batch_size}, learning from step {args.learning_starts:,}, "
-        f"--weights {args.weights}, seed {args.seed}; {os.cpu_count()} CPU cores (shared), "
+        f"--weights {args.weights}, seed {args.seed}; {len(os.sched_getaffinity(0))} of "
+        f"{os.cpu_count()} CPU cores (shared), "
         f"load average {' '.join(f'{x:.2f}' for x in result['load'])} at the end, "
         f"jax {jax.__version__}.", "",
         "| round | arm | env steps/s | training s | env steps | updates | greedy return |",
