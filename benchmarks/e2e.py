@@ -1,6 +1,6 @@
 """The main job end to end: `examples/dqn_per.py` on flax_replay's buffer and on Flashbax's.
 
-    python -m benchmarks.e2e                         # both arms, 3 rounds, 200,000 env steps
+    python -m benchmarks.e2e --out benchmarks/results/e2e.md   # both arms, 3 rounds of 200,000
     python -m benchmarks.e2e --buffer flashbax --rounds 1
     python -m benchmarks.e2e -- --weights batch      # flags after `--` go to the example
 
@@ -25,7 +25,9 @@ flax_replay's env steps per second over Flashbax's (> 1: flax_replay faster). Bo
 final greedy returns are printed, so that the comparison is of two programs that learn.
 A breakdown (per vectorised step, in a jitted scan on the trained state) shows where the time
 goes: acting and stepping the environments, the add, and sample + weights + set_priorities;
-the rest of a learning step is the learner. Writes `--out` (benchmarks/results/e2e.md).
+the rest of a learning step is the learner; one more chunk of the training, timed alone,
+gives the whole learning step. Writes `--out` if given (the committed results are
+benchmarks/results/e2e*.md; see benchmarks/README.md).
 """
 
 from __future__ import annotations
