@@ -146,7 +146,11 @@ def test_step_without_checksums_restores_with_one_warning(tmp_path, saved):
     items = {"params": state.params, "opt_state": state.opt_state, "replay": state.replay,
              "priorities": state.priorities, "rng": {"key_data": jax.random.key_data(rng)},
              "step": {"step": jnp.asarray(state.step, jnp.int32)}}
-    manager = ckpt.make_manager(tmp_path, enable_async=False)
+    # The manager older flax_replay made: StandardCheckpointHandlers (compressed items).
+    manager = ocp.CheckpointManager(
+        tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_names=ckpt_impl.ITEMS,
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ckpt_impl.ITEMS})
     manager.save(3, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v)
                                                for k, v in items.items() if jax.tree.leaves(v)}))
     manager.close()
