@@ -187,8 +187,16 @@ def main() -> None:
     crc, inv, restore = (med["sync"][k] for k in ("checksum", "invariants", "restore"))
     gib = nbytes / 2**30
 
-    def row(name, t, ref):
-        return f"| {name} | {t:.2f} | {gib / t:.2f} | {t / ref:.2f} |"
+    def paired(kind, metric):
+        """Median over repetitions of each one's ratio to the NumPy run next to it (a
+        restore to NumPy's load, any save time to its save): the machine's load drifts less
+        within one repetition than across them."""
+        ref = "restore" if metric == "restore" else "save"
+        return statistics.median(r[metric] / n[ref] for r, n in zip(runs[kind], runs["numpy"]))
+
+    def row(name, t, ref, kind="numpy", metric="save"):
+        return (f"| {name} | {t:.2f} | {gib / t:.2f} | {t / ref:.2f} | "
+                f"{paired(kind, metric):.2f} |")
 
     lines = [
         f"Buffer: {gib:.2f} GiB of random experience ({nbytes:,} bytes: prioritised flat "
@@ -198,18 +206,21 @@ def main() -> None:
         f"{med['numpy']['bytes'] / 2**30:.2f} GiB. Median of {args.reps}; page cache "
         "evicted before every read; NumPy writes are fsynced.",
         "",
-        "| operation | seconds | GiB/s | ratio to NumPy |",
-        "| --- | ---: | ---: | ---: |",
+        "| operation | seconds | GiB/s | ratio to NumPy | median of paired ratios |",
+        "| --- | ---: | ---: | ---: | ---: |",
         row("NumPy `np.save` (+ fsync)", np_save, np_save),
-        row("Orbax save, synchronous", med["sync"]["save"], np_save),
-        row("Orbax save, asynchronous: until committed", med["async"]["save"], np_save),
+        row("Orbax save, synchronous", med["sync"]["save"], np_save, "sync"),
+        row("Orbax save, asynchronous: until committed", med["async"]["save"], np_save,
+            "async"),
         row("Orbax save, asynchronous: training loop blocked", med["async"]["blocking"],
-            np_save),
+            np_save, "async", "blocking"),
         row("Orbax save, synchronous, buffer zstd-compressed (`compress_buffer=True`)",
-            med["compressed"]["save"], np_save),
-        row("NumPy `np.load` + `device_put`", np_load, np_load),
-        row("Orbax restore (`checkpoint.restore`)", med["sync"]["restore"], np_load),
-        row("Orbax restore of the compressed step", med["compressed"]["restore"], np_load),
+            med["compressed"]["save"], np_save, "compressed"),
+        row("NumPy `np.load` + `device_put`", np_load, np_load, "numpy", "restore"),
+        row("Orbax restore (`checkpoint.restore`)", med["sync"]["restore"], np_load, "sync",
+            "restore"),
+        row("Orbax restore of the compressed step", med["compressed"]["restore"], np_load,
+            "compressed", "restore"),
         "",
         f"Verification inside that restore (timed alone, median): CRC-32 of every array "
         f"{crc:.3f} s, buffer invariants {inv:.3f} s: {100 * (crc + inv) / restore:.1f}"
