@@ -6,6 +6,8 @@ writing and reading the same bytes with NumPy (np.save / np.load) on the same di
 Measured, median of `--reps` (each repetition in a fresh directory, deleted afterwards):
   - Orbax save, asynchronous: the time `save` blocks the training loop, and until committed;
   - Orbax save, synchronous; Orbax restore into a template TrainState (arrays ready);
+  - the same with the buffer items zstd-compressed (`make_manager(compress_buffer=True)`,
+    what every item was before: Orbax's default), alternated with the others in one process;
   - NumPy: `np.save` of every leaf + fsync (Orbax's writes are durable too); `np.load` +
     `jax.device_put` (a restore gives device arrays).
 Before every read the files are evicted from the page cache (posix_fadvise DONTNEED), so both
@@ -89,8 +91,10 @@ def _size(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
-def orbax_once(state, rng, directory: Path, enable_async: bool) -> dict:
-    manager = ckpt.make_manager(directory, enable_async=enable_async, max_to_keep=None)
+def orbax_once(state, rng, directory: Path, enable_async: bool,
+               compress_buffer: bool = False) -> dict:
+    manager = ckpt.make_manager(directory, enable_async=enable_async, max_to_keep=None,
+                                compress_buffer=compress_buffer)
     t0 = time.perf_counter()
     ckpt.save(manager, 1, state, rng)
     t1 = time.perf_counter()
@@ -158,7 +162,7 @@ def main() -> None:
     shutil.rmtree(base, ignore_errors=True)
     state, nbytes = make_state(args.gib)
     rng = jax.random.key(0)
-    runs: dict[str, list[dict]] = {"async": [], "sync": [], "numpy": []}
+    runs: dict[str, list[dict]] = {"async": [], "sync": [], "compressed": [], "numpy": []}
     try:
         small, _ = make_state(0.002, seed=1)  # warm-up: Orbax's threads, jit of key_data
         for kind in ("async", "sync"):
@@ -170,7 +174,8 @@ def main() -> None:
                 if kind == "numpy":
                     runs[kind].append(numpy_once(state, directory))
                 else:
-                    runs[kind].append(orbax_once(state, rng, directory, kind == "async"))
+                    runs[kind].append(orbax_once(state, rng, directory, kind == "async",
+                                                 compress_buffer=kind == "compressed"))
                 shutil.rmtree(directory)
                 print(kind, rep, {k: round(v, 3) if isinstance(v, float) else v
                                   for k, v in runs[kind][-1].items()}, flush=True)
@@ -182,25 +187,40 @@ def main() -> None:
     crc, inv, restore = (med["sync"][k] for k in ("checksum", "invariants", "restore"))
     gib = nbytes / 2**30
 
-    def row(name, t, ref):
-        return f"| {name} | {t:.2f} | {gib / t:.2f} | {t / ref:.2f} |"
+    def paired(kind, metric):
+        """Median over repetitions of each one's ratio to the NumPy run next to it (a
+        restore to NumPy's load, any save time to its save): the machine's load drifts less
+        within one repetition than across them."""
+        ref = "restore" if metric == "restore" else "save"
+        return statistics.median(r[metric] / n[ref] for r, n in zip(runs[kind], runs["numpy"]))
+
+    def row(name, t, ref, kind="numpy", metric="save"):
+        return (f"| {name} | {t:.2f} | {gib / t:.2f} | {t / ref:.2f} | "
+                f"{paired(kind, metric):.2f} |")
 
     lines = [
         f"Buffer: {gib:.2f} GiB of random experience ({nbytes:,} bytes: prioritised flat "
         f"buffer, {ROWS} rows, float32[{OBS}] observations, sum tree) in a TrainState; "
-        f"on disk: Orbax {med['sync']['bytes'] / 2**30:.2f} GiB, NumPy "
+        f"on disk: Orbax {med['sync']['bytes'] / 2**30:.2f} GiB (compressed "
+        f"{med['compressed']['bytes'] / 2**30:.2f} GiB), NumPy "
         f"{med['numpy']['bytes'] / 2**30:.2f} GiB. Median of {args.reps}; page cache "
         "evicted before every read; NumPy writes are fsynced.",
         "",
-        "| operation | seconds | GiB/s | ratio to NumPy |",
-        "| --- | ---: | ---: | ---: |",
+        "| operation | seconds | GiB/s | ratio to NumPy | median of paired ratios |",
+        "| --- | ---: | ---: | ---: | ---: |",
         row("NumPy `np.save` (+ fsync)", np_save, np_save),
-        row("Orbax save, synchronous", med["sync"]["save"], np_save),
-        row("Orbax save, asynchronous: until committed", med["async"]["save"], np_save),
+        row("Orbax save, synchronous", med["sync"]["save"], np_save, "sync"),
+        row("Orbax save, asynchronous: until committed", med["async"]["save"], np_save,
+            "async"),
         row("Orbax save, asynchronous: training loop blocked", med["async"]["blocking"],
-            np_save),
-        row("NumPy `np.load` + `device_put`", np_load, np_load),
-        row("Orbax restore (`checkpoint.restore`)", med["sync"]["restore"], np_load),
+            np_save, "async", "blocking"),
+        row("Orbax save, synchronous, buffer zstd-compressed (`compress_buffer=True`)",
+            med["compressed"]["save"], np_save, "compressed"),
+        row("NumPy `np.load` + `device_put`", np_load, np_load, "numpy", "restore"),
+        row("Orbax restore (`checkpoint.restore`)", med["sync"]["restore"], np_load, "sync",
+            "restore"),
+        row("Orbax restore of the compressed step", med["compressed"]["restore"], np_load,
+            "compressed", "restore"),
         "",
         f"Verification inside that restore (timed alone, median): CRC-32 of every array "
         f"{crc:.3f} s, buffer invariants {inv:.3f} s: {100 * (crc + inv) / restore:.1f}"
@@ -214,7 +234,8 @@ def main() -> None:
                     for k, v in runs.items()) + " (save/restore seconds).",
         "",
         "Notes. Orbax writes one OCDBT/zarr store per item (six items, metadata, an atomic "
-        "rename at commit) and reads through TensorStore; NumPy writes one flat file per leaf. "
+        "rename at commit; the buffer items uncompressed unless `compress_buffer=True`, each "
+        "array one chunk) and reads through TensorStore; NumPy writes one flat file per leaf. "
         "On the CPU backend device arrays are host memory, so an asynchronous save blocks only "
         "to take references; a donated step issued while that save is still writing gets a "
         "copy instead of an in-place update (XLA will not donate a buffer Orbax still reads), "

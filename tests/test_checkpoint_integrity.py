@@ -128,6 +128,42 @@ def test_checksums_are_in_the_step_metadata_and_items_stay_plain_orbax(saved):
     np.testing.assert_array_equal(out["replay"]["b"]["experience"]["obs"], obs)
 
 
+def _item_bytes(root: Path, step: int, item: str) -> int:
+    return sum(p.stat().st_size for p in (root / str(step) / item).rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("compress_buffer", [False, True])
+def test_buffer_items_are_uncompressed_unless_asked_and_every_step_restores(tmp_path,
+                                                                           compress_buffer):
+    """`make_manager` writes the buffer items without Orbax's default zstd (experience is
+    mostly incompressible: it cost time for no space) unless `compress_buffer`; the other
+    items keep it. Zeros compress many-fold, so the files' sizes tell which is which. Either
+    step restores with flax_replay (whatever the manager's own setting) and with plain
+    Orbax."""
+    state = _state()
+    state = state.replace(params={"w": jnp.zeros((256, 256))},
+                          replay=jax.tree.map(jnp.zeros_like, state.replay))
+    manager = ckpt.make_manager(tmp_path, enable_async=False, compress_buffer=compress_buffer)
+    assert ckpt.save(manager, 1, state, jax.random.key(1))
+    manager.close()
+    obs = state.replay["b"]["experience"]["obs"].nbytes
+    if compress_buffer:
+        assert _item_bytes(tmp_path, 1, "replay") < obs // 8
+    else:
+        assert _item_bytes(tmp_path, 1, "replay") >= obs
+    assert _item_bytes(tmp_path, 1, "params") < state.params["w"].nbytes // 8
+    template = _state(seed=1).replace(params={"w": jnp.ones((256, 256))})
+    assert not _equal(template.replay, state.replay)
+    new, _, step = ckpt.restore(ckpt.make_manager(tmp_path, compress_buffer=not compress_buffer),
+                                template, jax.random.key(0))
+    assert step == 1 and _equal((new.params, new.replay, new.priorities),
+                                (state.params, state.replay, state.priorities))
+    plain = ocp.CheckpointManager(tmp_path, item_names=("replay", "params"))
+    out = plain.restore(1, args=ocp.args.Composite(replay=ocp.args.StandardRestore(),
+                                                   params=ocp.args.StandardRestore()))
+    assert _equal((out["replay"], out["params"]), (state.replay, state.params))
+
+
 def test_chunked_checksums_find_the_damaged_chunk():
     a = np.arange(1000, dtype=np.float32)
     record = integrity.checksums({"replay": {"x": a}}, chunk_bytes=1024)
@@ -146,7 +182,11 @@ def test_step_without_checksums_restores_with_one_warning(tmp_path, saved):
     items = {"params": state.params, "opt_state": state.opt_state, "replay": state.replay,
              "priorities": state.priorities, "rng": {"key_data": jax.random.key_data(rng)},
              "step": {"step": jnp.asarray(state.step, jnp.int32)}}
-    manager = ckpt.make_manager(tmp_path, enable_async=False)
+    # The manager older flax_replay made: StandardCheckpointHandlers (compressed items).
+    manager = ocp.CheckpointManager(
+        tmp_path, options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),
+        item_names=ckpt_impl.ITEMS,
+        item_handlers={name: ocp.StandardCheckpointHandler() for name in ckpt_impl.ITEMS})
     manager.save(3, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v)
                                                for k, v in items.items() if jax.tree.leaves(v)}))
     manager.close()

@@ -11,7 +11,17 @@ One checkpoint step is one directory with six separate Orbax items:
 
 Items are separate so that `restore_params` reads `params` only (evaluation never touches the
 buffer's gigabytes). Everything else is plain Orbax: a user can open the same checkpoint with
+a plain `ocp.CheckpointManager(directory)` and
 `manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))`.
+
+Speed (benchmarks/results/checkpoint_io.md): the buffer items are written without compression.
+Orbax's default, zstd over each array as one chunk, runs on one core per array and gained
+nothing on experience that is mostly incompressible (float observations, rewards, a sum tree):
+it made saves 2-2.6x and restores 1.0-1.9x slower than without it (0.25-1 GiB buffers).
+`make_manager(..., compress_buffer=True)` turns it back on (e.g. for image frames that
+compress several-fold, on a slow disk). An uncompressed item is still a plain zarr array in an
+OCDBT store: Orbax and TensorStore take the compressor from each array's own metadata, so
+steps written compressed (by earlier versions) restore unchanged.
 
 Restores go into abstract targets (`jax.ShapeDtypeStruct`) made from a template state, each with
 the template leaf's concrete sharding, so a restored buffer lands sharded as the template is
@@ -34,6 +44,7 @@ import json
 import os
 import sys
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,6 +59,7 @@ from flax_replay._src import buffer_config, integrity
 PyTree = Any
 
 ITEMS = ("params", "opt_state", "replay", "priorities", "rng", "step")
+BUFFER_ITEMS = ("replay", "priorities")  # the items that hold the buffers' bytes
 METADATA_KEY = "flax_replay"  # our record in the step's custom metadata
 _EXPERIENCE = "experience"  # the storage field of every buffer state (see state.py)
 
@@ -84,6 +96,7 @@ def make_manager(
     max_to_keep: Optional[int] = 3,
     save_interval_steps: int = 1,
     enable_async: bool = True,
+    compress_buffer: bool = False,
 ) -> ocp.CheckpointManager:
     """A `CheckpointManager` for the six items above (relative paths made absolute).
 
@@ -91,6 +104,10 @@ def make_manager(
     writes in a background thread; a step becomes visible (`latest_step`) only when completely
     written (atomic rename), so a crash mid-save leaves the previous step as the latest. Call
     `manager.wait_until_finished()` (or `manager.close()`) before the process exits.
+
+    `compress_buffer`: zstd-compress the `replay` and `priorities` items too (off by default:
+    see the module docstring; the other items keep Orbax's default, compressed). Either way
+    every step restores, whatever it was written with.
     """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -100,13 +117,45 @@ def make_manager(
         # steps, and removed when the next manager opens the directory.
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(
+    manager = ocp.CheckpointManager(
         _absolute(directory),
         options=options,
         item_names=ITEMS,
         # Registered up front so that metadata and single items can be read by a fresh manager.
-        item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS},
+        item_handlers={name: _item_handler(name, compress_buffer) for name in ITEMS},
     )
+    _PYTREE_MANAGERS.add(manager)
+    return manager
+
+
+# Managers made by `make_manager`: their items take `PyTreeSave`/`PyTreeRestore` arguments.
+# Any other manager (a user's own, with `StandardCheckpointHandler`s) gets the `Standard*`
+# arguments, as before.
+_PYTREE_MANAGERS: "weakref.WeakSet[ocp.CheckpointManager]" = weakref.WeakSet()
+
+
+def _item_handler(name: str, compress_buffer: bool) -> ocp.PyTreeCheckpointHandler:
+    # `StandardCheckpointHandler` is this handler with compression always on and no way to
+    # turn it off; the concurrency limits are its defaults. The files are the same format.
+    return ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=96, restore_concurrent_gb=96,
+        use_compression=compress_buffer or name not in BUFFER_ITEMS)
+
+
+def _save_arg(manager: ocp.CheckpointManager, tree: PyTree) -> ocp.args.CheckpointArgs:
+    if manager in _PYTREE_MANAGERS:
+        return ocp.args.PyTreeSave(tree)
+    return ocp.args.StandardSave(tree)
+
+
+def _restore_arg(manager: ocp.CheckpointManager, target: PyTree) -> ocp.args.CheckpointArgs:
+    """`target`: ShapeDtypeStructs with concrete shardings (`_abstract`)."""
+    if manager in _PYTREE_MANAGERS:
+        # What StandardRestore builds from such a target: strict shapes, the target's
+        # shardings and dtypes.
+        return ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    return ocp.args.StandardRestore(target)
 
 
 def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
@@ -191,6 +240,7 @@ def _wrap_errors(manager: ocp.CheckpointManager, step: int, what: str, fn):
     JSON, or a "stored shape" that disagrees with the metadata), means that the step's
     files cannot be read as they describe themselves: damaged, or changed under us.
     """
+    _mute_orbax_reads()
     try:
         return fn()
     except CheckpointError:
@@ -237,10 +287,8 @@ def _release_failed_reads(err: BaseException) -> None:
     lines of "Exception ignored in <coroutine _read_array_index_and_device_put>" with
     TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
     cause chain are dropped (the exceptions and their messages are kept) and the coroutines
-    are collected now. One still held by Orbax's own thread may be collected later, so from
-    the first failed read on, `sys.unraisablehook` mutes exactly these (Orbax coroutines, and
-    the done-callbacks of reads that finish after Orbax closed its event loop) and passes
-    everything else to the hook it wraps.
+    are collected now. One still held by Orbax's own thread may be collected later: those are
+    muted by `_mute_orbax_reads`.
     """
     seen: set[int] = set()
     e: Optional[BaseException] = err
@@ -248,16 +296,30 @@ def _release_failed_reads(err: BaseException) -> None:
         seen.add(id(e))
         e.__traceback__ = None
         e = e.__cause__ or e.__context__
-    previous = sys.unraisablehook
-    if not getattr(previous, "_flax_replay_mutes_orbax_reads", False):
-
-        def hook(unraisable: Any) -> None:
-            if not _is_orbax_read(unraisable):
-                previous(unraisable)
-
-        hook._flax_replay_mutes_orbax_reads = True  # type: ignore[attr-defined]
-        sys.unraisablehook = hook
+    _mute_orbax_reads()
     gc.collect()
+
+
+def _mute_orbax_reads() -> None:
+    """Makes `sys.unraisablehook` (once) drop exactly the reports of reads that a failed
+    restore abandoned (Orbax coroutines, and the done-callbacks of reads that finish after
+    Orbax closed its event loop) and pass everything else to the hook it wraps.
+
+    Installed before a read starts, not when it has failed: such a done-callback runs on
+    TensorStore's thread and can fire while the failure is still propagating through Orbax,
+    before `_wrap_errors` sees it (tests/test_checkpoint_integrity.py's truncated step failed
+    about one run in five while the hook was installed only after the failure).
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_flax_replay_mutes_orbax_reads", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not _is_orbax_read(unraisable):
+            previous(unraisable)
+
+    hook._flax_replay_mutes_orbax_reads = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _damaged(manager: ocp.CheckpointManager, step: int, what: str,
@@ -379,7 +441,7 @@ def _leaves(items: dict[str, PyTree]) -> integrity.Leaves:
 
 def _save_items(manager, step, items: dict[str, PyTree], force: bool,
                 buffers: dict[str, dict], metadata: Optional[dict]) -> bool:
-    args = {k: ocp.args.StandardSave(v) for k, v in items.items() if _has_leaves(v)}
+    args = {k: _save_arg(manager, v) for k, v in items.items() if _has_leaves(v)}
     if not manager.should_save(int(step)) and not force:
         return False  # not on the interval: no checksum pass either
     # Checksums of what is saved, taken now: the arrays are immutable (a donated step while
@@ -450,7 +512,7 @@ def _restore_items(manager, step: Optional[int], templates: dict[str, PyTree],
         raise ValueError(
             f"checkpoint step {step} in {manager.directory} was saved by a buffer configured "
             "otherwise (its stored state would be misread):\n  " + "\n  ".join(diff))
-    args = {k: ocp.args.StandardRestore(_abstract(k, v))
+    args = {k: _restore_arg(manager, _abstract(k, v))
             for k, v in templates.items() if _has_leaves(v)}
     restored = _wrap_errors(manager, step, "arrays",
                             lambda: manager.restore(step, args=ocp.args.Composite(**args)))
