@@ -449,9 +449,15 @@ def kth_true(flags: Array, k: Array) -> Array:
     """
     b, r = flags.shape
     n = -(-r // 32)
-    padded = jnp.pad(flags, ((0, 0), (0, n * 32 - r))).reshape(b, n, 32)
-    words = jnp.sum(padded.astype(jnp.uint32) << jnp.arange(32, dtype=jnp.uint32), axis=2,
-                    dtype=jnp.uint32)  # [b, n]
+    # Packed by an unrolled OR of the columns, not a reduction: the reduction's loop made
+    # XLA:CPU recompute the flags' gather indices (a whole tree path) for every flag.
+    words = []
+    for w in range(n):
+        word = jnp.zeros((b,), jnp.uint32)
+        for j in range(min(32, r - 32 * w)):
+            word = word | (flags[:, 32 * w + j].astype(jnp.uint32) << j)
+        words.append(word)
+    words = jnp.stack(words, axis=1)  # [b, n]
     if n == 1:
         return jnp.minimum(kth_set_bit(words[:, 0], k, min(r, 32)), r)
     counts = jax.lax.population_count(words).astype(jnp.int32)
