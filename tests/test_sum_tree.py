@@ -559,39 +559,3 @@ def test_update_sum_min_takes_the_serial_path_on_cpu_only():
     gpu = jax.jit(sum_tree.update_sum_min, static_argnums=2).trace(*args).lower(
         lowering_platforms=("cuda",)).as_text()
     assert "scatter" in gpu and "stablehlo.while" not in gpu
-
-
-def test_unsplit_reads_give_the_plain_values(monkeypatch):
-    """On CPU, small reads of large arrays (tree rows, leaf values, sampled items) go through
-    an in-place write to a scratch block (`small_reads.unsplit`) so that XLA:CPU does not
-    split them across threads. States and samples must equal, bit for bit, those of the
-    plain reads that other backends run. 2**17 leaves: the tree is over the size it acts at."""
-    from flax_replay._src import core
-
-    def run():
-        buf = fbx.make_prioritised_flat_buffer(max_length=2**17, min_length=64,
-                                               sample_batch_size=64, add_batch_size=64)
-        state = buf.init({"obs": jnp.zeros((3,), jnp.float32)})
-        rng = np.random.default_rng(0)
-        add, setp = jax.jit(buf.add, donate_argnums=0), jax.jit(buf.set_priorities)
-        sample, out = jax.jit(buf.sample), []
-        for i in range(4):
-            state = add(state, {"obs": jnp.asarray(rng.normal(size=(64, 3)), jnp.float32)})
-            s = sample(state, jax.random.key(i))
-            state = setp(state, s.indices, jnp.asarray(rng.exponential(size=64), jnp.float32))
-            out.append(s)
-        text = str(jax.make_jaxpr(buf.sample)(state, jax.random.key(0)))
-        return text.count("optimization_barrier"), jax.tree.leaves((state, out))
-
-    scratch_reads, fast = run()
-    assert scratch_reads >= 2  # the leaf rows and the items go through the scratch
-    jax.clear_caches()  # retrace with plain reads
-    monkeypatch.setattr(sum_tree, "unsplit", lambda out, nbytes: out)
-    monkeypatch.setattr(core, "unsplit", lambda out, nbytes: out)
-    no_scratch, plain = run()
-    jax.clear_caches()
-    assert no_scratch == 0 and len(fast) == len(plain)
-    for a, b in zip(fast, plain):
-        a, b = np.asarray(a), np.asarray(b)
-        assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.tobytes() == b.tobytes()

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from flax_replay._src import checks, memory
-from flax_replay._src.small_reads import unsplit
 from flax_replay._src.typing import Array, PyTree
 
 
@@ -261,6 +260,5 @@ class TrajectoryCore:
         t = self.max_length_time_axis
         time = (start[:, None] + jnp.arange(self.sample_sequence_length)) % t
         row, time = memory.to_storage((row[:, None], time), self.memory_kind)
-        out = memory.to_device(jax.tree.map(lambda x: x[row, time], experience),
-                               self.memory_kind)
-        return jax.tree.map(lambda o, x: unsplit(o, x.nbytes), out, experience)
+        out = jax.tree.map(lambda x: x[row, time], experience)
+        return memory.to_device(out, self.memory_kind)

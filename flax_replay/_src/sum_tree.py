@@ -31,8 +31,6 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from flax_replay._src.small_reads import unsplit
-
 DEFAULT_BRANCHING = 4
 
 
@@ -93,15 +91,12 @@ def leaves(tree: jax.Array, geo: Geometry) -> jax.Array:
 
 def get(tree: jax.Array, geo: Geometry, index: jax.Array) -> jax.Array:
     """Leaf values at `index` (any shape)."""
-    return unsplit(tree[geo.offsets[-1] + index], tree.nbytes)
+    return tree[geo.offsets[-1] + index]
 
 
 def _rows(tree: jax.Array, start: jax.Array, k: int) -> jax.Array:
     """`[B, k]`: `tree[start[b] : start[b] + k]` for each b, one batched row read."""
-    return unsplit(jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (s,), (k,)))(start),
-                   tree.nbytes)
-
-
+    return jax.vmap(lambda s: jax.lax.dynamic_slice(tree, (s,), (k,)))(start)
 
 
 def _reduce(rows: jax.Array, reducer: str) -> jax.Array:
