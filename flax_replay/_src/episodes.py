@@ -451,13 +451,13 @@ def kth_true(flags: Array, k: Array) -> Array:
     n = -(-r // 32)
     # Packed by an unrolled OR of the columns, not a reduction: the reduction's loop made
     # XLA:CPU recompute the flags' gather indices (a whole tree path) for every flag.
-    words = []
+    packed = []
     for w in range(n):
         word = jnp.zeros((b,), jnp.uint32)
         for j in range(min(32, r - 32 * w)):
             word = word | (flags[:, 32 * w + j].astype(jnp.uint32) << j)
-        words.append(word)
-    words = jnp.stack(words, axis=1)  # [b, n]
+        packed.append(word)
+    words = jnp.stack(packed, axis=1)  # [b, n]
     if n == 1:
         return jnp.minimum(kth_set_bit(words[:, 0], k, min(r, 32)), r)
     counts = jax.lax.population_count(words).astype(jnp.int32)
