@@ -65,6 +65,8 @@ except ImportError:  # the `bench` extra installs it
 warnings.filterwarnings("ignore")  # both libraries warn about max_size rounding
 
 SAMPLE = 256  # sample_batch_size, and set_priorities batch
+# (shape, dtype) of the items of the CPU sweeps (the --device sweep adds uint8 frames).
+FLOAT_ITEMS = (((8,), "float32"), ((32, 32, 3), "float32"))
 SEQ, PERIOD = 4, 2  # trajectory buffers: sequences of 4 steps starting every 2 steps
 ALPHA = 0.6
 KINDS = ("flat", "trajectory", "prioritised flat", "prioritised trajectory")
@@ -747,11 +749,11 @@ def main(argv=None) -> None:
             caps, rowss, args.views = (2_000,), (128,), False
     elif args.quick:
         args.steps, args.rounds, args.calls = 50, 7, 10
-        caps, items, rowss = (10**4, 10**6), ((8,), (32, 32, 3)), (1, 128)
+        caps, items, rowss = (10**4, 10**6), FLOAT_ITEMS, (1, 128)
         args.branchings, args.branch_capacities = (4, 16), (10**6,)
     else:
         args.steps, args.rounds, args.calls = 64, 15, 16
-        caps, items, rowss = (10**4, 10**5, 10**6), ((8,), (32, 32, 3)), (1, 128)
+        caps, items, rowss = (10**4, 10**5, 10**6), FLOAT_ITEMS, (1, 128)
         args.branchings, args.branch_capacities = (4, 8, 16, 32), (10**4, 10**6)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -766,7 +768,6 @@ def main(argv=None) -> None:
         print(msg, flush=True)
 
     cases, skipped = [], []
-    items = [it if isinstance(it[1], str) else (it, "float32") for it in items]
     for kind in kinds:
         for item, dtype in items:
             for cap in caps:
