@@ -77,7 +77,6 @@ def floor_div(a: Array, b: int) -> Array:
     return jnp.floor_divide(a, b)
 
 
-
 def write_steps(store: Array, steps: Array, time: Array) -> Array:
     """`store` `[R, T, ...]` with `steps` `[R, A, ...]` written at time indices `time` `[A]`
     (consecutive modulo T), in place under donation. One step is a dynamic update of one
@@ -86,6 +85,7 @@ def write_steps(store: Array, steps: Array, time: Array) -> Array:
         return jax.lax.dynamic_update_slice_in_dim(store, steps.astype(store.dtype), time[0],
                                                    axis=1)
     return store.at[:, time].set(steps, unique_indices=True)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrajectoryCore:
