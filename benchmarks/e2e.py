@@ -159,11 +159,7 @@ def flashbax_state(args, env: dqn.VecEnv, key: jax.Array, state: flax_replay.Tra
 def initial_carry(args, env: dqn.VecEnv, state) -> dqn.Carry:
     """The carry of the example's `main` at step 0 (same keys)."""
     _, rng, _ = jax.random.split(jax.random.key(args.seed), 3)
-    k_reset, key = jax.random.split(jax.random.fold_in(rng, 0))
-    obs, env_state = env.reset(k_reset, args.num_envs)
-    carry = dqn.Carry(state, env_state, obs, jnp.zeros(args.num_envs), key,
-                      jnp.asarray(0, jnp.int32))
-    return jax.device_put(carry, jax.local_devices()[0])
+    return dqn.initial_carry(args, env, state, rng, 0)
 
 
 # ----------------------------------------------------------------------------------- a run

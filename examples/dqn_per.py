@@ -359,6 +359,20 @@ class Carry(NamedTuple):
     env_steps: jax.Array  # int32 [], for the schedules
 
 
+
+def initial_carry(args, env: VecEnv, state: flax_replay.TrainState, rng: jax.Array,
+                  start: int) -> Carry:
+    """The scan's carry at env step `start`, from the run's key `rng`. New episodes in every
+    environment (their state is not checkpointed): on a resume, one transition per env pairs
+    the last stored step with a new episode's first observation."""
+    k_reset, key = jax.random.split(jax.random.fold_in(rng, start))
+    obs, env_state = env.reset(k_reset, args.num_envs)
+    carry = Carry(state, env_state, obs, jnp.zeros(args.num_envs), key,
+                  jnp.asarray(start, jnp.int32))
+    # All on one device, "committed" like the chunk's outputs: mixing committed (restored,
+    # jitted) and uncommitted (fresh) arrays is another jit cache key, a second compilation.
+    return jax.device_put(carry, jax.local_devices()[0])
+
 def make_train_chunk(args, env: VecEnv):
     """`train_chunk(carry) -> (carry, per-step metrics)`: `--chunk-steps` environment steps,
     jitted and scanned, the carry donated (the buffer is updated in place)."""
@@ -444,15 +458,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "--checkpoint-dir.") from e
         print(f"resumed from step {start} of {run_dir} (buffer running index "
               f"{running_index(state)}, {int(state.step)} updates)", flush=True)
-    # New episodes in every environment (their state is not checkpointed): on a resume, one
-    # transition per env pairs the last stored step with a new episode's first observation.
-    k_reset, key = jax.random.split(jax.random.fold_in(rng, start))
-    obs, env_state = env.reset(k_reset, args.num_envs)
-    carry = Carry(state, env_state, obs, jnp.zeros(args.num_envs), key,
-                  jnp.asarray(start, jnp.int32))
-    # All on one device, "committed" like the chunk's outputs: mixing committed (restored,
-    # jitted) and uncommitted (fresh) arrays is another jit cache key, a second compilation.
-    carry = jax.device_put(carry, jax.local_devices()[0])
+    carry = initial_carry(args, env, state, rng, start)
 
     report = _report.Report(run_dir, args.total_steps, start, bar=not args.no_progress)
     steps, chunks, end = start, 0, stop_at(args)
