@@ -100,18 +100,21 @@ void put(char *store, const int64_t *rows, int n, int64_t row_bytes, const char 
                                        row_bytes);
 }
 
-/* `steps` operations of one path in one call, so that no Python overhead is timed.
-   path 0: sample, 1: set_priorities, 2: sample+set_priorities, 3: add of `rows` rows. */
-void run(int path, int steps, float *tree, const int64_t *offset, int depth,
+/* `steps * reps` operations of one path in one call (their inputs cycling through `steps`
+   drawn in advance), so that the call's own cost is a small part of an operation's time.
+   path 0: sample, 1: set_priorities, 2: sample+set_priorities, 3: add of `rows` rows, row b
+   of add i written at item (b * (capacity / rows) + i) % capacity: a write head per row. */
+void run(int path, int steps, int reps, float *tree, const int64_t *offset, int depth,
          int64_t capacity, char *store, int64_t row_bytes, const float *targets,
-         const float *values, const int64_t *set_leaves, const int64_t *add_rows, int rows,
+         const float *values, const int64_t *set_leaves, int rows,
          const char *src, int n, int64_t *leaf, float *scratch, int64_t *node, int64_t *pair,
          char *out) {
-    for (int i = 0; i < steps; i++) {
+    for (int64_t k = 0; k < (int64_t)steps * reps; k++) {
+        int64_t i = k % steps;
         if (path == 3) {
-            const int64_t *where = add_rows + (int64_t)i * rows;
-            put(store, where, rows, row_bytes, src);
-            update(tree, offset, depth, where, values + (int64_t)i * n, rows, node);
+            for (int b = 0; b < rows; b++) pair[b] = (b * (capacity / rows) + k) % capacity;
+            put(store, pair, rows, row_bytes, src);
+            update(tree, offset, depth, pair, values + i * n, rows, node);
             continue;
         }
         if (path != 1) {
@@ -147,7 +150,7 @@ def load_kernel() -> ctypes.CDLL:
                    check=True)
     k = ctypes.CDLL(str(lib))
     i, i64 = ctypes.c_int, ctypes.c_int64
-    k.run.argtypes = [i, i, _f32p, _i64p, i, i64, _u8p, i64, _f32p, _f32p, _i64p, _i64p, i,
+    k.run.argtypes = [i, i, i, _f32p, _i64p, i, i64, _u8p, i64, _f32p, _f32p, _i64p, i,
                       _u8p, i, _i64p, _f32p, _i64p, _i64p, _u8p]
     return k
 
@@ -178,9 +181,6 @@ class Floor:
         # Inputs of `steps` operations, drawn in advance (the floor draws no random numbers).
         self.targets = (rng.random((steps, B)) * total * 0.999).astype(np.float32)
         self.values = rng.uniform(0.1, 2.0, (steps, B)).astype(np.float32)
-        self.add_rows = {r: np.stack([(np.arange(r) * (capacity // r) + i) % capacity
-                                      for i in range(steps)]).astype(np.int64)
-                         for r in (1, 128)}
         self.src = rng.integers(0, 255, (128 * item_bytes,), dtype=np.uint8)
         self.leaf = np.zeros(B, np.int64)
         self.scratch = np.zeros(B, np.float32)
@@ -190,18 +190,21 @@ class Floor:
         self.set_leaves = rng.integers(0, capacity, (steps, B)).astype(np.int64)
 
     def run(self, path: str) -> float:
-        """Seconds per operation of `path`, over `steps` operations (one C call)."""
+        """Seconds per operation of `path`, over `steps` operations (ADD_REPS * `steps` for
+        an add: one takes tens of nanoseconds, and a ctypes call of this many arguments
+        microseconds) in one C call."""
         rows = int(path.split()[1]) if path.startswith("add") else 1
         code = {"sample": 0, "set_priorities": 1, "sample+set_priorities": 2}.get(path, 3)
+        reps = ADD_REPS if code == 3 else 1
         t0 = time.perf_counter()
-        self.k.run(code, self.steps, self.tree, self.offset, self.depth, self.capacity,
+        self.k.run(code, self.steps, reps, self.tree, self.offset, self.depth, self.capacity,
                    self.store, self.item_bytes, self.targets, self.values, self.set_leaves,
-                   self.add_rows[rows], rows, self.src, B, self.leaf, self.scratch, self.node,
-                   self.pair, self.out)
-        return (time.perf_counter() - t0) / self.steps
+                   rows, self.src, B, self.leaf, self.scratch, self.node, self.pair, self.out)
+        return (time.perf_counter() - t0) / (self.steps * reps)
 
 
 PATHS = ("add 1", "add 128", "sample", "set_priorities", "sample+set_priorities")
+ADD_REPS = 64  # the floor's adds per input drawn in advance
 
 
 def ours(capacity: int, steps: int) -> dict[str, object]:
@@ -266,7 +269,8 @@ def main(argv=None) -> None:
         f"`python -m benchmarks.physical_limit{' --quick' if args.quick else ''}`: floor = a C "
         "kernel doing only the unavoidable memory work of each path (tree walks with dependent "
         "reads, leaf-path re-sums, item copies; see the module docstring); flax_replay = the "
-        f"same path in a jitted `lax.scan` of {args.steps} operations, time per operation. "
+        f"same path in a jitted `lax.scan` of {args.steps} operations "
+        f"({bench.ADD_SCAN * args.steps} for an add), time per operation. "
         f"Median of {rounds} alternated rounds; jax {jax.__version__}, "
         f"{os.cpu_count()} CPUs, load average {load:.1f} at the end.",
         "",

@@ -13,7 +13,9 @@ shape (8,) and (32, 32, 3) float32; capacities 1e4, 1e5 and 1e6 items (combinati
 
 Two regimes: "call", one jitted call (donated when it writes), timed with dispatch and
 `block_until_ready`, as an eager training loop runs it; "scan", a jitted `lax.scan` of
-`--steps` operations, the time per operation, as a fully jitted training loop runs it.
+`--steps` operations (8 times as many for `add`, its inputs cycling through `--steps`
+batches, so that the fixed cost of a call is a few percent of a sub-microsecond add), the
+time per operation, as a fully jitted training loop runs it.
 
 Every buffer is filled completely before timing (untouched pages make first reads look
 fast or slow). In each round the arms run back to back in alternating order, and each ratio
@@ -68,6 +70,10 @@ SAMPLE = 256  # sample_batch_size, and set_priorities batch
 # (shape, dtype) of the items of the CPU sweeps (the --device sweep adds uint8 frames).
 FLOAT_ITEMS = (((8,), "float32"), ((32, 32, 3), "float32"))
 SEQ, PERIOD = 4, 2  # trajectory buffers: sequences of 4 steps starting every 2 steps
+# A scanned add runs ADD_SCAN * --steps operations (its inputs cycling through --steps
+# batches): an add can take well under a microsecond, and the fixed cost of a call must not
+# be a large part of its time.
+ADD_SCAN = 8
 ALPHA = 0.6
 KINDS = ("flat", "trajectory", "prioritised flat", "prioritised trajectory")
 
@@ -244,6 +250,33 @@ def _scan_state(api, body, steps):
                    donate_argnums=0)
 
 
+def _scan_pool(api, body, pool, n):
+    """`_scan_state` over `n` operations whose inputs cycle through `pool` (leading axis P):
+    `fn(state, pool)`. Cheap operations need long scans (a call's fixed cost, 15-30 us warm,
+    would otherwise be a large part of a sub-microsecond add), and n inputs of 128 rows of
+    frames would not fit in memory; the dynamic read of one input is the same in every arm."""
+    p = jax.tree_util.tree_leaves(pool)[0].shape[0]
+    index = jnp.arange(n, dtype=jnp.int32) % p
+
+    def cycled(s, i, pool):
+        return body(s, jax.tree.map(lambda x: x[i], pool))
+
+    if isinstance(api, NNX):
+        def run(m, pool):
+            graphdef, state = nnx.split(m)
+
+            def step(s, i):
+                mod = nnx.merge(graphdef, s)
+                cycled(mod, i, pool)
+                return nnx.state(mod), None
+
+            state, _ = jax.lax.scan(step, state, index)
+            nnx.update(m, state)
+        return nnx.jit(run, donate_argnums=0)
+    return jax.jit(lambda s, pool: jax.lax.scan(
+        lambda s, i: (cycled(s, i, pool), None), s, index)[0], donate_argnums=0)
+
+
 def _scan_read(api, read, steps):
     """A jitted scan of `read(state, x) -> scalar` over `xs`, summed (state not written)."""
     def run(s, xs):
@@ -315,8 +348,9 @@ def build_ops(api, case: Case, regime: str, steps: int, inputs: dict) -> dict[st
         return api.set_priorities(s, smp.indices, new_priorities(smp, k))
 
     inplace = isinstance(api, NNX)
-    ops["add"] = Op(_scan_state(api, add_body, steps), (inputs["batches"],),
-                    "inplace" if inplace else True, steps)
+    add_steps = ADD_SCAN * steps
+    ops["add"] = Op(_scan_pool(api, add_body, inputs["batches"], add_steps),
+                    (inputs["batches"],), "inplace" if inplace else True, add_steps)
     ops["sample"] = Op(_scan_read(api, lambda s, k: consume(api.sample(s, k)), steps),
                        (inputs["keys"],), False, steps)
     if case.prioritised:
@@ -570,7 +604,8 @@ def summarise(rows: list[dict], branch: list[dict], memory: list[dict], skipped:
               f"jax {jax.__version__}, flashbax {_version('flashbax')}; "
               f"{elapsed / 60:.0f} min. Times are medians over {args.rounds} rounds; ratios are "
               f"medians of per-round ratios (< 1: flax_replay is faster). Scan: "
-              f"{args.steps} operations per jitted `lax.scan`, time per operation. Call: one "
+              f"{args.steps} operations per jitted `lax.scan` ({ADD_SCAN * args.steps} for `add`), "
+              "time per operation. Call: one "
               "jitted call, dispatch and `block_until_ready` included.", ""]
     lines += [f"A/A noise (Flashbax against itself): 90% of workloads within "
               f"+-{band * 100:.0f}% (median |A/A - 1| = "
