@@ -1,6 +1,6 @@
 """flax_replay against Flashbax 0.1.3 and NumPy, on CPU, in one process and one run.
 
-    python -m benchmarks.run            # the full sweep (about 10 minutes on 2 cores)
+    python -m benchmarks.run            # the full sweep (about 17 minutes on 2 cores)
     python -m benchmarks.run --quick    # a smaller sweep (a few minutes)
 
 Workloads: flat, trajectory, prioritised flat and prioritised trajectory buffers built by the
