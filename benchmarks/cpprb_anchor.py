@@ -8,7 +8,7 @@ Python. The workloads are those of benchmarks/run.py's prioritised flat buffer w
 float32 items: `add` of 1 and of 128 transitions, `sample` of 256, `set_priorities`
 (cpprb: `update_priorities`) of 256. cpprb is timed per Python call (its only way to run);
 flax_replay per jitted call (donated when it writes, with dispatch) and per operation in a
-jitted `lax.scan` of `--steps` operations (how a jitted training loop runs it). Arms alternate
+jitted `lax.scan` of `--steps` (512) operations (how a jitted training loop runs it). Arms alternate
 within each round; a ratio is the median over rounds of the per-round ratios (< 1: flax_replay
 faster). Writes benchmarks/results/cpprb.md.
 """
@@ -142,7 +142,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=50)
+    # 512: a scanned one-row add takes well under a microsecond, and a call's fixed cost
+    # (15-30 us) must not be most of what is timed.
+    p.add_argument("--steps", type=int, default=512, help="operations per timed scan")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpprb.md"))
     args = p.parse_args()
     capacities = [10_000] if args.quick else [10_000, 100_000, 1_000_000]
