@@ -59,7 +59,8 @@ def steps(rng: np.random.Generator, n: int, rows: int = 16, dim: int = 8) -> dic
 
 def arm(capacity: int, prioritised: bool, mode, n_steps: int, rows: int = 16, dim: int = 8,
         add_steps: int = 4096):
-    """(filled state, jitted scanned add, jitted scanned sample) of one buffer."""
+    """(filled state, jitted scanned add, its pool of steps, jitted scanned sample, its keys)
+    of one buffer."""
     buf = make(capacity, prioritised, mode, rows)
     rng = np.random.default_rng(0)
     state = buf.init({"obs": jnp.zeros((dim,), jnp.float32), "done": jnp.zeros((), bool)})

@@ -103,7 +103,7 @@ void put(char *store, const int64_t *rows, int n, int64_t row_bytes, const char 
 /* `steps * reps` operations of one path in one call (their inputs cycling through `steps`
    drawn in advance), so that the call's own cost is a small part of an operation's time.
    path 0: sample, 1: set_priorities, 2: sample+set_priorities, 3: add of `rows` rows, row b
-   of add i written at item (b * (capacity / rows) + i) % capacity: a write head per row. */
+   of add k written at item (b * (capacity / rows) + k) % capacity: a write head per row. */
 void run(int path, int steps, int reps, float *tree, const int64_t *offset, int depth,
          int64_t capacity, char *store, int64_t row_bytes, const float *targets,
          const float *values, const int64_t *set_leaves, int rows,
