@@ -126,12 +126,19 @@ def flax_replay_arms(capacity: int, steps: int, rng: np.random.Generator) -> tup
     read = jax.jit(lambda s, ks: jax.lax.scan(
         lambda acc, k: (acc + jnp.sum(buf.sample(s, k).experience.first["obs"]), None),
         jnp.float32(0), ks)[0])
-    f1, _ = scanned(bufs[1], lambda b, s, x: b.add(s, {"obs": x}), ones)
-    f128, _ = scanned(buf, lambda b, s, x: b.add(s, {"obs": x}), manys)
+    def scanned_add(b):
+        # Each step's input read by an index from an argument, as benchmarks/run.py does
+        # (`_cycled`): with the inputs scanned directly XLA:CPU compiles a loop of nothing but
+        # a one-row add into one function, which a training loop never is.
+        return jax.jit(lambda s, index, store: jax.lax.scan(
+            lambda s, i: (b.add(s, {"obs": store[i]}), None), s, index)[0], donate_argnums=0)
+
+    index = jnp.arange(steps, dtype=jnp.int32)
+    f1, f128 = scanned_add(bufs[1]), scanned_add(buf)
     fset, _ = scanned(buf, lambda b, s, x: b.set_priorities(s, x[0], x[1]), (idxs, ps))
     scan = {
-        "add 1": run("s1", f1, ones),
-        "add 128": run("s", f128, manys),
+        "add 1": run("s1", f1, index, ones),
+        "add 128": run("s", f128, index, manys),
         "sample 256": lambda: jax.block_until_ready(read(holder["s"], keys)),
         "set_priorities 256": run("s", fset, (idxs, ps)),
     }

@@ -71,7 +71,9 @@ def arm(capacity: int, prioritised: bool, mode, n_steps: int, rows: int = 16, di
 
     def add_all(s, pool):
         # The steps cycle through a pool (storing n steps of 128 rows would take GBs); the
-        # dynamic read of one is the same in every arm.
+        # dynamic read of one is the same in every arm. (By a constant index: unlike
+        # benchmarks/run.py's one-row prioritised adds, these measured the same with the
+        # index read from an argument, 2026-12-03.)
         def body(s, i):
             return buf.add(s, jax.tree.map(lambda x: x[i % POOL], pool)), None
         return jax.lax.scan(body, s, jnp.arange(add_steps))[0]

@@ -14,8 +14,8 @@ shape (8,) and (32, 32, 3) float32; capacities 1e4, 1e5 and 1e6 items (combinati
 Two regimes: "call", one jitted call (donated when it writes), timed with dispatch and
 `block_until_ready`, as an eager training loop runs it; "scan", a jitted `lax.scan` of
 `--steps` operations (8 times as many for `add`, its inputs cycling through `--steps`
-batches, so that the fixed cost of a call is a few percent of a sub-microsecond add), the
-time per operation, as a fully jitted training loop runs it.
+batches by an index read from an argument: see `_cycled`), the time per operation, as a
+fully jitted training loop runs it.
 
 Every buffer is filled completely before timing (untouched pages make first reads look
 fast or slow). In each round the arms run back to back in alternating order, and each ratio
@@ -232,49 +232,35 @@ class NNX(Functional):
         return m
 
 
-def _scan_state(api, body, steps):
-    """A jitted scan of `body(state, x) -> state` over `xs`; NNX: split/merge around it."""
+def _scan_state(api, body):
+    """A jitted scan `fn(state, xs, *consts)` of `body(state, x, *consts) -> state` over `xs`
+    (`consts` are arguments every step reads whole); NNX: split/merge around it."""
     if isinstance(api, NNX):
-        def run(m, xs):
+        def run(m, xs, *consts):
             graphdef, state = nnx.split(m)
 
             def step(s, x):
                 mod = nnx.merge(graphdef, s)
-                body(mod, x)
+                body(mod, x, *consts)
                 return nnx.state(mod), None
 
             state, _ = jax.lax.scan(step, state, xs)
             nnx.update(m, state)
         return nnx.jit(run, donate_argnums=0)
-    return jax.jit(lambda s, xs: jax.lax.scan(lambda s, x: (body(s, x), None), s, xs)[0],
-                   donate_argnums=0)
+    return jax.jit(lambda s, xs, *consts: jax.lax.scan(
+        lambda s, x: (body(s, x, *consts), None), s, xs)[0], donate_argnums=0)
 
 
-def _scan_pool(api, body, pool, n):
-    """`_scan_state` over `n` operations whose inputs cycle through `pool` (leading axis P):
-    `fn(state, pool)`. Cheap operations need long scans (a call's fixed cost, 15-30 us warm,
-    would otherwise be a large part of a sub-microsecond add), and n inputs of 128 rows of
-    frames would not fit in memory; the dynamic read of one input is the same in every arm."""
-    p = jax.tree_util.tree_leaves(pool)[0].shape[0]
-    index = jnp.arange(n, dtype=jnp.int32) % p
-
-    def cycled(s, i, pool):
-        return body(s, jax.tree.map(lambda x: x[i], pool))
-
-    if isinstance(api, NNX):
-        def run(m, pool):
-            graphdef, state = nnx.split(m)
-
-            def step(s, i):
-                mod = nnx.merge(graphdef, s)
-                cycled(mod, i, pool)
-                return nnx.state(mod), None
-
-            state, _ = jax.lax.scan(step, state, index)
-            nnx.update(m, state)
-        return nnx.jit(run, donate_argnums=0)
-    return jax.jit(lambda s, pool: jax.lax.scan(
-        lambda s, i: (cycled(s, i, pool), None), s, index)[0], donate_argnums=0)
+def _cycled(body):
+    """`body(state, x)` as a step `(state, i, pool) -> state` whose input is `pool[i]`, `i`
+    scanned from an argument. Why: a scanned add needs many operations (a call's fixed cost,
+    15-30 us warm, would otherwise be much of a sub-microsecond add), too many stored inputs
+    of 128 rows of frames to hold; and an index read from an argument keeps the loop as a
+    training loop runs: with stored inputs or a constant index, XLA:CPU compiles a loop of
+    nothing but a small add into one function (its rule for loops that touch under 256
+    bytes), which a loop that also learns never is (a one-row prioritised add then measured
+    0.2-0.4 us instead of 1.1-1.8). The read is the same in every arm."""
+    return lambda s, i, pool: body(s, jax.tree.map(lambda x: x[i], pool))
 
 
 def _scan_read(api, read, steps):
@@ -349,15 +335,16 @@ def build_ops(api, case: Case, regime: str, steps: int, inputs: dict) -> dict[st
 
     inplace = isinstance(api, NNX)
     add_steps = ADD_SCAN * steps
-    ops["add"] = Op(_scan_pool(api, add_body, inputs["batches"], add_steps),
-                    (inputs["batches"],), "inplace" if inplace else True, add_steps)
+    index = jnp.arange(add_steps, dtype=jnp.int32) % steps  # the batches, cycled
+    ops["add"] = Op(_scan_state(api, _cycled(add_body)), (index, inputs["batches"]),
+                    "inplace" if inplace else True, add_steps)
     ops["sample"] = Op(_scan_read(api, lambda s, k: consume(api.sample(s, k)), steps),
                        (inputs["keys"],), False, steps)
     if case.prioritised:
-        ops["set_priorities"] = Op(_scan_state(api, setp_body, steps),
+        ops["set_priorities"] = Op(_scan_state(api, setp_body),
                                    ((inputs["indices_s"], inputs["priorities_s"]),),
                                    "inplace" if inplace else True, steps)
-        ops["sample+set_priorities"] = Op(_scan_state(api, both_body, steps),
+        ops["sample+set_priorities"] = Op(_scan_state(api, both_body),
                                           (inputs["keys"],), "inplace" if inplace else True,
                                           steps)
     return ops
