@@ -263,7 +263,7 @@ def _cycled(body):
     return lambda s, i, pool: body(s, jax.tree.map(lambda x: x[i], pool))
 
 
-def _scan_read(api, read, steps):
+def _scan_read(api, read):
     """A jitted scan of `read(state, x) -> scalar` over `xs`, summed (state not written)."""
     def run(s, xs):
         return jax.lax.scan(lambda acc, x: (acc + read(s, x), None), jnp.float32(0), xs)[0]
@@ -338,7 +338,7 @@ def build_ops(api, case: Case, regime: str, steps: int, inputs: dict) -> dict[st
     index = jnp.arange(add_steps, dtype=jnp.int32) % steps  # the batches, cycled
     ops["add"] = Op(_scan_state(api, _cycled(add_body)), (index, inputs["batches"]),
                     "inplace" if inplace else True, add_steps)
-    ops["sample"] = Op(_scan_read(api, lambda s, k: consume(api.sample(s, k)), steps),
+    ops["sample"] = Op(_scan_read(api, lambda s, k: consume(api.sample(s, k))),
                        (inputs["keys"],), False, steps)
     if case.prioritised:
         ops["set_priorities"] = Op(_scan_state(api, setp_body),

@@ -288,7 +288,7 @@ def _release_failed_reads(err: BaseException) -> None:
     TensorStore specs. Our `CheckpointError` says all of it in one line: the tracebacks of the
     cause chain are dropped (the exceptions and their messages are kept) and the coroutines
     are collected now. One still held by Orbax's own thread may be collected later: those are
-    muted by `_mute_orbax_reads`.
+    muted by `_mute_orbax_reads`, which `_wrap_errors` installed before the read.
     """
     seen: set[int] = set()
     e: Optional[BaseException] = err
@@ -296,7 +296,6 @@ def _release_failed_reads(err: BaseException) -> None:
         seen.add(id(e))
         e.__traceback__ = None
         e = e.__cause__ or e.__context__
-    _mute_orbax_reads()
     gc.collect()
 
 
